@@ -1,0 +1,122 @@
+"""Registration metrics as plain functions (torch, CPU or CUDA): Dice %, HD95 mm, Jacobian / SDlogJ, TRE mm.
+
+Conventions follow Learn2Reg's evaluation: a label absent from the fixed or the moving map scores NaN; the Jacobian
+uses central differences ([-0.5, 0, 0.5], zero outside the grid) of the displacement plus identity and drops a
+2-voxel border.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from monai.metrics import compute_dice, compute_hausdorff_distance
+
+from custom.regions import labels_to_regions
+
+
+def _one_hot(label: torch.Tensor, label_ids: Sequence[int]) -> torch.Tensor:
+    label = torch.as_tensor(label)
+    if label.ndim == 3:  # (X, Y, Z) -> (1, 1, X, Y, Z)
+        label = label[None, None]
+    elif label.ndim == 4:  # (1, X, Y, Z) -> (1, 1, X, Y, Z)
+        label = label[None]
+    return labels_to_regions(label.round(), label_ids)
+
+
+def _absent(fixed_label, moving_label, label_ids) -> torch.Tensor:
+    """(1, L) bool: label missing in the fixed or (if given) the moving map."""
+    absent = _one_hot(fixed_label, label_ids).flatten(2).sum(-1) == 0
+    if moving_label is not None:
+        absent |= _one_hot(moving_label, label_ids).flatten(2).sum(-1) == 0
+    return absent
+
+
+def dice_per_label(warped_label, fixed_label, label_ids: Sequence[int], moving_label=None) -> torch.Tensor:
+    """Dice in % per label id, ``(L,)``; NaN where the label is absent in the fixed (or moving) map.
+
+    Label maps ``(X, Y, Z)``, ``(1, X, Y, Z)`` or ``(1, 1, X, Y, Z)`` with integer ids (warped with nearest neighbour).
+    """
+    pred, gt = _one_hot(warped_label, label_ids), _one_hot(fixed_label, label_ids)
+    dice = compute_dice(pred, gt, include_background=True, ignore_empty=True)[0] * 100.0
+    dice[_absent(fixed_label, moving_label, label_ids)[0]] = float("nan")
+    return dice
+
+
+def hd95_per_label(warped_label, fixed_label, label_ids: Sequence[int], spacing=None, moving_label=None):
+    """95th percentile Hausdorff distance in mm per label id, ``(L,)`` (MONAI, spacing-aware); NaN if absent."""
+    pred, gt = _one_hot(warped_label, label_ids), _one_hot(fixed_label, label_ids)
+    sp = None if spacing is None else [float(s) for s in spacing]
+    hd = compute_hausdorff_distance(pred, gt, include_background=True, percentile=95, spacing=sp)[0].float()
+    absent = _absent(fixed_label, moving_label, label_ids)[0] | (pred.flatten(2).sum(-1)[0] == 0)
+    hd[absent] = float("nan")
+    return hd
+
+
+def jacobian_determinant(ddf: torch.Tensor) -> torch.Tensor:
+    """det J of ``x + u(x)`` for ``ddf`` ``(B, 3, X, Y, Z)`` (voxels) -> ``(B, X-4, Y-4, Z-4)``.
+
+    Central differences with zero padding, 2-voxel border dropped, as Learn2Reg's evaluation computes it.
+    Always float32, outside autocast.
+    """
+    if ddf.ndim != 5 or ddf.shape[1] != 3:
+        raise ValueError(f"jacobian_determinant expects a 3D ddf (B, 3, X, Y, Z), got {tuple(ddf.shape)}")
+    u = ddf.float()
+    padded = F.pad(u, (1, 1, 1, 1, 1, 1))
+    grads = []  # grads[k][:, c] = d u_c / d x_k
+    for k in range(3):
+        hi = [slice(None), slice(None)] + [slice(1, -1)] * 3
+        lo = list(hi)
+        hi[2 + k] = slice(2, None)
+        lo[2 + k] = slice(0, -2)
+        grads.append(0.5 * (padded[tuple(hi)] - padded[tuple(lo)]))
+    j = [[grads[k][:, c] + (1.0 if c == k else 0.0) for c in range(3)] for k in range(3)]
+    j = [[a[:, 2:-2, 2:-2, 2:-2] for a in row] for row in j]
+    return (
+        j[0][0] * (j[1][1] * j[2][2] - j[1][2] * j[2][1])
+        - j[1][0] * (j[0][1] * j[2][2] - j[0][2] * j[2][1])
+        + j[2][0] * (j[0][1] * j[1][2] - j[0][2] * j[1][1])
+    )
+
+
+def jacobian_stats(ddf: torch.Tensor, det_offset: float = 0.0) -> dict:
+    """SDlogJ and folding of ``ddf`` ``(1, 3, X, Y, Z)``.
+
+    Returns ``{"sdlogj", "neg_jac_count", "neg_jac_percent"}``: std of log(clip(det J + det_offset, 1e-9, 1e9)) and
+    the count / % of voxels with det J <= 0. ``det_offset=3`` reproduces the +3 that Learn2Reg's published
+    evaluation script (v2) adds before the clip; the default 0 is the textbook SDlogJ.
+    """
+    det = jacobian_determinant(ddf)
+    log_det = torch.log((det + det_offset).clamp(1e-9, 1e9))
+    neg = (det <= 0).sum()
+    return {
+        "sdlogj": float(log_det.std(unbiased=False)),
+        "neg_jac_count": int(neg),
+        "neg_jac_percent": float(neg) * 100.0 / det.numel(),
+    }
+
+
+def sample_field(ddf: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    """Linear interpolation of ``ddf`` ``(1, D, *S)`` at voxel coordinates ``points`` ``(K, D)`` -> ``(K, D)``."""
+    spatial = ddf.shape[2:]
+    pts = points.to(ddf.device, torch.float32)
+    norm = torch.stack([pts[:, d] * 2 / max(spatial[d] - 1, 1) - 1 for d in range(len(spatial))], -1)
+    grid = norm.flip(-1).view((1, -1) + (1,) * (len(spatial) - 1) + (len(spatial),))
+    out = F.grid_sample(ddf.float(), grid, mode="bilinear", padding_mode="border", align_corners=True)
+    return out.reshape(ddf.shape[1], -1).t()
+
+
+def tre_mm(ddf: torch.Tensor, fixed_points, moving_points, spacing=(1.0, 1.0, 1.0)) -> torch.Tensor:
+    """Target registration error in mm per keypoint, ``(K,)``.
+
+    ``fixed_points``/``moving_points`` ``(K, 3)`` voxel coordinates (0-based, array index order); the fixed point
+    is moved by the displacement sampled at it (linear interpolation) and compared with the moving point,
+    scaled by ``spacing`` (moving image voxel size), as Learn2Reg does.
+    """
+    fp = torch.as_tensor(fixed_points, dtype=torch.float32, device=ddf.device)
+    mp = torch.as_tensor(moving_points, dtype=torch.float32, device=ddf.device)
+    if fp.shape != mp.shape or fp.ndim != 2 or fp.shape[1] != ddf.shape[1]:
+        raise ValueError(f"keypoints must both be (K, {ddf.shape[1]}), got {tuple(fp.shape)} and {tuple(mp.shape)}")
+    sp = torch.as_tensor([float(s) for s in spacing], device=ddf.device)
+    return torch.linalg.norm((fp + sample_field(ddf, fp) - mp) * sp, dim=1)

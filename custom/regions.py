@@ -1,0 +1,123 @@
+"""Region handling: label maps -> one-hot region stacks, merge maps, bounding boxes and normalised EDT maps.
+
+Conventions (see DESIGN.md): label maps are channel-first ``(1, X, Y, Z)`` (or batched ``(B, 1, X, Y, Z)``),
+region 0 is the background, region stacks are ``(B, N, X, Y, Z)`` one-hot in the order of ``region_ids``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from monai.transforms import DistanceTransformEDT
+
+
+def source_name(data, default: str = "<array>") -> str:
+    """The file a MONAI ``MetaTensor`` was loaded from, for error messages."""
+    meta = getattr(data, "meta", None) or {}
+    name = meta.get("filename_or_obj", default)
+    if isinstance(name, (list, tuple)):
+        name = name[0] if name else default
+    return str(name)
+
+
+def present_labels(label: torch.Tensor | np.ndarray) -> list[int]:
+    """Sorted integer label ids present in a label map (any shape)."""
+    values = torch.unique(torch.as_tensor(label)).tolist()
+    return sorted(int(round(v)) for v in values)
+
+
+def labels_to_regions(label: torch.Tensor, region_ids: Sequence[int]) -> torch.Tensor:
+    """Label map ``(B, 1, *S)`` -> one-hot region stack ``(B, N, *S)`` (float), channel k = ``label == region_ids[k]``.
+
+    Voxels whose label is not in ``region_ids`` belong to no channel; use :func:`merge_labels` first to map them.
+    """
+    if label.ndim < 3 or label.shape[1] != 1:
+        raise ValueError(f"expected a label map of shape (B, 1, *spatial), got {tuple(label.shape)}")
+    ids = torch.as_tensor(list(region_ids), device=label.device, dtype=label.dtype)
+    view = (1, -1) + (1,) * (label.ndim - 2)
+    return (label == ids.view(view)).to(torch.float32)
+
+
+def load_merge_map(path: str | os.PathLike) -> dict:
+    """Read a label merge map JSON.
+
+    Format: ``{"regions": {"<region id>": "<name>", ...}, "map": {"<source id>": <region id>, ...}}``.
+    Source ids absent from ``map`` are unknown; :func:`merge_labels` reports them.
+    """
+    try:
+        with open(path) as f:
+            spec = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read label merge map {path}: {e}. Give a JSON file with 'regions' and 'map'.") from e
+    if "map" not in spec or "regions" not in spec:
+        raise ValueError(f"label merge map {path} needs the keys 'regions' and 'map', found {sorted(spec)}")
+    spec["map"] = {int(k): int(v) for k, v in spec["map"].items()}
+    spec["regions"] = {int(k): str(v) for k, v in spec["regions"].items()}
+    unknown_targets = set(spec["map"].values()) - set(spec["regions"])
+    if unknown_targets:
+        raise ValueError(f"label merge map {path} maps to undeclared region ids {sorted(unknown_targets)}")
+    return spec
+
+
+def merge_labels(label, mapping: dict[int, int], unknown: str = "warn", name: str | None = None):
+    """Map label ids through ``mapping`` (source id -> region id); ids not in the map become 0 (background).
+
+    ``unknown``: "warn" (default) reports ids missing from the map, "error" raises, "ignore" stays silent.
+    Works on numpy arrays and torch tensors of any shape; returns the same type.
+    """
+    src = torch.as_tensor(label)
+    out = torch.zeros_like(src)
+    found = present_labels(src)
+    missing = [v for v in found if v != 0 and v not in mapping]
+    if missing and unknown != "ignore":
+        msg = (
+            f"label ids {missing} in {name or source_name(label)} are not in the merge map; they are set to "
+            "background. Add them to the merge map JSON if they should form a region."
+        )
+        if unknown == "error":
+            raise ValueError(msg)
+        warnings.warn(msg, stacklevel=2)
+    for k, v in mapping.items():
+        if k in found:
+            out[src == k] = v
+    if isinstance(label, np.ndarray):
+        return out.numpy()
+    if hasattr(label, "meta"):
+        label = label.clone()
+        label.copy_(out)
+        return label
+    return out
+
+
+def bounding_box(mask: torch.Tensor, margin: int | Sequence[int] = 0) -> tuple[slice, ...]:
+    """Slices of the bounding box of ``mask > 0`` (spatial shape only), grown by ``margin`` voxels, clipped to the grid.
+
+    Raises ``ValueError`` for an empty mask.
+    """
+    mask = torch.as_tensor(mask)
+    nz = torch.nonzero(mask > 0)
+    if nz.numel() == 0:
+        raise ValueError("bounding_box of an empty mask")
+    dims = mask.ndim
+    margins = [margin] * dims if isinstance(margin, int) else list(margin)
+    lo = nz.min(0).values.tolist()
+    hi = nz.max(0).values.tolist()
+    return tuple(slice(max(0, lo[d] - margins[d]), min(mask.shape[d], hi[d] + 1 + margins[d])) for d in range(dims))
+
+
+def normalised_edt(mask: np.ndarray | torch.Tensor, sampling=None) -> np.ndarray | torch.Tensor:
+    """Euclidean distance to the region border inside a binary mask ``(C, *S)``, scaled to 0..1 per channel.
+
+    Zero outside the region, 1 at the deepest voxel (MONAI ``DistanceTransformEDT``; ``sampling`` = voxel spacing).
+    An empty channel stays all zero.
+    """
+    edt = DistanceTransformEDT(sampling=sampling)((torch.as_tensor(mask) > 0).float())
+    edt = torch.as_tensor(edt, dtype=torch.float32)
+    peak = edt.flatten(1).amax(1).clamp_min(1e-12).view((-1,) + (1,) * (edt.ndim - 1))
+    out = edt / peak
+    return out.numpy() if isinstance(mask, np.ndarray) else out

@@ -1,0 +1,93 @@
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from monai.data import MetaTensor
+
+from custom.region_pair import RandRegionPaird
+from custom.regions import bounding_box, labels_to_regions, load_merge_map, merge_labels
+
+
+def case(fixed_ids=(0, 1, 2, 3), moving_ids=(0, 1, 2, 4), shape=(8, 8, 8)):
+    fl = torch.zeros((1,) + shape)
+    ml = torch.zeros((1,) + shape)
+    for k, v in enumerate(fixed_ids):
+        fl[0, k * 2 : k * 2 + 2] = v
+    for k, v in enumerate(moving_ids):
+        ml[0, k * 2 : k * 2 + 2] = v
+    return {
+        "fixed_image": torch.rand((1,) + shape),
+        "moving_image": torch.rand((1,) + shape),
+        "fixed_label": fl,
+        "moving_label": ml,
+    }
+
+
+def test_labels_to_regions_one_hot():
+    label = torch.tensor([0, 1, 2, 1, 5]).view(1, 1, 5, 1, 1).float()
+    r = labels_to_regions(label, [0, 1, 2])
+    assert r.shape == (1, 3, 5, 1, 1)
+    assert r[0, :, 4].sum() == 0 and torch.equal(r.sum(1)[0, :4], torch.ones(4, 1, 1))
+
+
+def test_sampler_frequencies_are_uniform_over_shared_regions():
+    t = RandRegionPaird()
+    t.set_random_state(0)
+    n = 3000
+    counts = Counter(t(case())["region_id"] for _ in range(n))
+    assert set(counts) == {0, 1, 2}  # 3 and 4 are each in one image only: never drawn
+    for r in (0, 1, 2):  # binomial sd = sqrt(n p (1-p)) ~ 26; allow 4 sd
+        assert abs(counts[r] - n / 3) < 4 * np.sqrt(n * (1 / 3) * (2 / 3))
+
+
+def test_sampler_outputs_masked_pair_and_edt():
+    t = RandRegionPaird(include_background=False)
+    t.set_random_state(1)
+    d = case()
+    out = t(d)
+    r = out["region_id"]
+    assert r in (1, 2)
+    fm = (d["fixed_label"] == r).float()
+    torch.testing.assert_close(out["fixed_region_mask"], fm)
+    torch.testing.assert_close(out["fixed_region_image"], d["fixed_image"] * fm)
+    assert out["moving_region_edt"].max() == 1.0 and out["moving_region_edt"][out["moving_region_mask"] == 0].max() == 0
+
+
+def test_empty_label_map_is_a_clear_error_naming_the_file():
+    d = case()
+    d["moving_label"] = MetaTensor(torch.zeros_like(d["moving_label"]), meta={"filename_or_obj": "/data/m_gt.nii.gz"})
+    with pytest.raises(ValueError, match="m_gt.nii.gz.*empty"):
+        RandRegionPaird()(d)
+
+
+def test_nan_image_is_rejected():
+    d = case()
+    d["fixed_image"][0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        RandRegionPaird()(d)
+
+
+def test_bounding_box_with_margin_is_clipped():
+    m = torch.zeros(10, 10, 10)
+    m[2:4, 5:7, 8] = 1
+    assert bounding_box(m, 3) == (slice(0, 7), slice(2, 10), slice(5, 10))
+    with pytest.raises(ValueError):
+        bounding_box(torch.zeros(3, 3, 3))
+
+
+def test_merge_map_reports_unknown_labels(tmp_path):
+    p = tmp_path / "merge.json"
+    p.write_text(json.dumps({"regions": {"0": "background", "1": "lung"}, "map": {"10": 1, "11": 1}}))
+    spec = load_merge_map(p)
+    label = np.array([0, 10, 11, 99])
+    with pytest.warns(UserWarning, match=r"\[99\]"):
+        out = merge_labels(label, spec["map"])
+    np.testing.assert_array_equal(out, [0, 1, 1, 0])
+    with pytest.raises(ValueError, match="not in the merge map"):
+        merge_labels(label, spec["map"], unknown="error")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{")
+    with pytest.raises(ValueError, match="bad.json"):
+        load_merge_map(bad)
