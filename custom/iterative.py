@@ -70,6 +70,7 @@ class IterativeSegReg:
         margin: crop margin in voxels (full resolution).
         grid_spacing: the field is optimised on a control grid this many times coarser than each level's image
             grid and upsampled (linear); 1 = one parameter per voxel.
+        min_size: an axis is never downsampled below this many voxels (thin axes such as 16 cine-MR slices).
         field: "displacement" or "velocity" (integrated with ``num_steps`` scaling and squaring steps).
         region_ids: regions to register (``None`` = every id present in both label maps).
         progress: show a tqdm progress bar per pair.
@@ -85,6 +86,7 @@ class IterativeSegReg:
         lr: float = 0.1,
         margin: int = 8,
         grid_spacing: int = 2,
+        min_size: int = 8,
         field: str = "displacement",
         num_steps: int = 7,
         mind_radius: int = 1,
@@ -108,6 +110,7 @@ class IterativeSegReg:
         w.update(weights or {})
         self.weights = {k: float(v) for k, v in w.items()}
         self.grid_spacing = max(1, int(grid_spacing))
+        self.min_size = max(2, int(min_size))
         self.lr, self.margin, self.mask_loss, self.edt_scale = lr, margin, mask_loss, edt_scale
         self.region_ids = None if region_ids is None else [int(r) for r in region_ids]
         self.global_region, self.progress = global_region, progress
@@ -179,7 +182,7 @@ class IterativeSegReg:
         sim_fn = self.similarity(len(full))
         param = None
         for factor, n_it in zip(self.levels, self.iterations):
-            size = [max(2, -(-s // factor)) for s in full]
+            size = [max(-(-s // factor), min(s, self.min_size)) for s in full]
             grid = [max(2, -(-s // self.grid_spacing)) for s in size]
             fi, mi = resize(task.fixed, size), resize(task.moving, size)
             fm, mm = resize(task.fixed_masks, size), resize(task.moving_masks, size)

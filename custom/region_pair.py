@@ -39,7 +39,7 @@ class RandRegionPaird(Randomizable, MapTransform):
     ) -> None:
         MapTransform.__init__(self, keys)
         if len(self.keys) != 4:
-            raise ValueError(f"RandRegionPaird needs 4 keys (fixed_image, moving_image, fixed_label, moving_label).")
+            raise ValueError("RandRegionPaird needs 4 keys (fixed_image, moving_image, fixed_label, moving_label).")
         self.region_ids = None if region_ids is None else [int(r) for r in region_ids]
         self.include_background = include_background
         self.edt_spacing = edt_spacing

@@ -1,0 +1,1 @@
+"""Dataset readers: folders and JSON files as published -> pair records for MONAI dictionary transforms."""

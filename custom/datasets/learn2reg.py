@@ -1,0 +1,83 @@
+"""Learn2Reg reader: the dataset JSON and folders as published -> pair records (+ keypoints)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+
+def load_dataset_json(path: str | Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read Learn2Reg dataset JSON {path}: {e}") from e
+
+
+def _resolve(root: Path, rel: str) -> Path:
+    return (root / rel).resolve() if rel.startswith(".") else Path(rel)
+
+
+def read_keypoints(path: str | Path) -> np.ndarray:
+    """Keypoints ``(K, 3)`` in voxel coordinates (0-based, array index order), one point per CSV row.
+
+    The dataset JSON names keypoint files ``.nii.gz`` while the distributed folders hold ``.csv`` files of the same
+    stem; both names are accepted. This is the convention of Learn2Reg's evaluation (``np.loadtxt`` + the
+    displacement sampled at the fixed points).
+    """
+    p = Path(path)
+    csv = p if p.suffix == ".csv" else p.with_name(p.name.split(".")[0] + ".csv")
+    if not csv.exists():
+        raise ValueError(f"keypoint file {csv} not found (the JSON named {p.name}).")
+    pts = np.loadtxt(csv, delimiter=",", ndmin=2)
+    if pts.shape[1] != 3:
+        raise ValueError(f"{csv}: expected 3 comma-separated coordinates per row, got {pts.shape[1]}")
+    return pts.astype(np.float32)
+
+
+def keypoint_pair(root: Path, fixed: str, moving: str) -> tuple[Path, Path] | None:
+    """(fixed, moving) keypoint CSVs for a pair: ``keypoints0{m}Tr`` for FBCT/CBCT pairs, else ``keypointsTr``."""
+    fm, mm = Path(fixed).name.split(".")[0][-4:], Path(moving).name.split(".")[0][-4:]
+    mods = sorted([int(fm), int(mm)])
+    folder = "keypointsTr" if fm == mm else f"keypoints{mods[0]}{mods[1]}Tr"
+    f = root / folder / (Path(fixed).name.split(".")[0] + ".csv")
+    m = root / folder / (Path(moving).name.split(".")[0] + ".csv")
+    return (f, m) if f.exists() and m.exists() else None
+
+
+def learn2reg_pairs(
+    json_path: str | Path, split: str = "registration_val", label_dir: str = "labelsTr", keypoints: bool = True
+) -> list[dict]:
+    """Pair records ``{fixed, moving[, fixed_label, moving_label][, fixed_keypoints, moving_keypoints]}``.
+
+    ``split``: a pair list of the JSON (``registration_val``, ``training_paired_images``, ...) or "training_all" for
+    every ordered pair of distinct ``training`` images (inter-subject training). ``label_dir``: folder beside
+    ``imagesTr`` with label maps of the same names (``labelsTr``, or ``segmentationsTr`` for automatic ones);
+    labels are omitted when it does not exist.
+    """
+    json_path = Path(json_path)
+    spec, root = load_dataset_json(json_path), json_path.parent
+    if split == "training_all":
+        images = [e["image"] for e in spec.get("training", [])]
+        pairs = [{"fixed": a, "moving": b} for a in images for b in images if a != b]
+    elif split in spec:
+        pairs = spec[split]
+    else:
+        options = [k for k, v in spec.items() if isinstance(v, list) and v and "fixed" in v[0]]
+        raise ValueError(f"{json_path} has no pair list {split!r}; available: {options + ['training_all']}")
+    records = []
+    for p in pairs:
+        rec = {"fixed": str(_resolve(root, p["fixed"])), "moving": str(_resolve(root, p["moving"]))}
+        for k in ("fixed", "moving"):
+            if not Path(rec[k]).exists():
+                raise ValueError(f"{rec[k]} listed in {json_path} does not exist.")
+            lab = Path(rec[k].replace("/imagesTr/", f"/{label_dir}/"))
+            if lab.exists():
+                rec[f"{k}_label"] = str(lab)
+        if keypoints:
+            kp = keypoint_pair(root, rec["fixed"], rec["moving"])
+            if kp is not None:
+                rec["fixed_keypoints"], rec["moving_keypoints"] = str(kp[0]), str(kp[1])
+        records.append(rec)
+    return records

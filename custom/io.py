@@ -1,0 +1,106 @@
+"""File I/O with atomic writes: NIfTI volumes, Learn2Reg displacement files, JSON and CSV tables."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike):
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = "".join(path.suffixes) or ".tmp"
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def spacing_affine(spacing: Sequence[float], origin: Sequence[float] = (0.0, 0.0, 0.0)) -> np.ndarray:
+    """Diagonal 4x4 affine for voxel ``spacing`` (mm)."""
+    aff = np.diag([float(s) for s in spacing] + [1.0])
+    aff[:3, 3] = origin
+    return aff
+
+
+def save_nifti(array: np.ndarray, path: str | os.PathLike, affine: np.ndarray, dtype=None) -> Path:
+    """Write ``array`` (spatial axes first, e.g. ``(X, Y, Z)`` or ``(X, Y, Z, 3)``) atomically."""
+    arr = np.asarray(array if dtype is None else np.asarray(array).astype(dtype))
+    img = nib.Nifti1Image(arr, affine)
+    img.header.set_xyzt_units("mm")
+    with atomic_path(path) as tmp:
+        nib.save(img, str(tmp))
+    return Path(path)
+
+
+def load_nifti(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """``(array, affine)``; a clear error naming the file if it cannot be read."""
+    try:
+        img = nib.load(str(path))
+        return np.asarray(img.dataobj), img.affine
+    except Exception as e:  # nibabel raises several types
+        raise ValueError(
+            f"cannot read NIfTI file {path}: {e}. Check that it exists and is a valid .nii/.nii.gz."
+        ) from e
+
+
+def save_json(obj, path: str | os.PathLike) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=4, default=float) + "\n")
+    return Path(path)
+
+
+def save_csv(rows: list[dict], path: str | os.PathLike) -> Path:
+    """Write dict rows (union of keys as header, in first-seen order) atomically."""
+    header: list[str] = []
+    for r in rows:
+        header += [k for k in r if k not in header]
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=header)
+        w.writeheader()
+        w.writerows(rows)
+    return Path(path)
+
+
+def learn2reg_case_id(path: str | os.PathLike) -> tuple[str, str]:
+    """``(subject, modality)`` from a Learn2Reg name like ``ThoraxCBCT_0011_0001.nii.gz`` -> ("0011", "0001")."""
+    stem = Path(path).name.split(".")[0]
+    parts = stem.split("_")
+    if len(parts) < 3 or not (parts[-1].isdigit() and parts[-2].isdigit()):
+        raise ValueError(f"{path} is not a Learn2Reg image name (<Task>_<subject>_<modality>.nii.gz)")
+    return parts[-2], parts[-1]
+
+
+def learn2reg_disp_name(fixed: str | os.PathLike, moving: str | os.PathLike) -> str:
+    """Displacement file name the Learn2Reg evaluation looks for.
+
+    ``disp_<fixed subject>_<moving subject>.nii.gz`` when the modalities are equal (or fixed 0000 / moving 0001),
+    else ``disp_<fixed subject>_<fixed modality>_<moving subject>_<moving modality>.nii.gz`` (e.g. ThoraxCBCT).
+    """
+    fs, fm = learn2reg_case_id(fixed)
+    ms, mm = learn2reg_case_id(moving)
+    if fm == mm or (fm == "0000" and mm == "0001"):
+        return f"disp_{fs}_{ms}.nii.gz"
+    return f"disp_{fs}_{fm}_{ms}_{mm}.nii.gz"
+
+
+def save_displacement(ddf: np.ndarray, path: str | os.PathLike, affine: np.ndarray) -> Path:
+    """Save a ``(3, X, Y, Z)`` voxel ddf as Learn2Reg ``(X, Y, Z, 3)`` float32 NIfTI."""
+    ddf = np.asarray(ddf, np.float32)
+    if ddf.ndim != 4 or ddf.shape[0] != 3:
+        raise ValueError(f"expected a (3, X, Y, Z) displacement, got {ddf.shape}")
+    return save_nifti(np.moveaxis(ddf, 0, -1), path, affine, dtype=np.float32)

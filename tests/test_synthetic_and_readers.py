@@ -1,0 +1,117 @@
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.networks.blocks import Warp
+
+from custom.datasets.acdc import acdc_pairs, split_patients
+from custom.datasets.learn2reg import learn2reg_pairs, read_keypoints
+from custom.io import learn2reg_disp_name, load_nifti, save_nifti, spacing_affine
+from custom.metrics import dice_per_label
+from custom.synthetic.abdomen import make_abdomen
+from custom.synthetic.acdc import make_acdc
+from custom.synthetic.thorax import make_thorax
+
+
+def nii(path):
+    return torch.as_tensor(np.asarray(nib.load(str(path)).dataobj, dtype=np.float32))
+
+
+def warp_label(moving, disp):
+    """Moving label warped (MONAI Warp, nearest) with a Learn2Reg (X, Y, Z, 3) displacement."""
+    return Warp("nearest", "border")(moving[None, None], disp.permute(3, 0, 1, 2)[None])[0, 0]
+
+
+@pytest.fixture(scope="module")
+def acdc(tmp_path_factory):
+    return make_acdc(str(tmp_path_factory.mktemp("acdc")), n_subjects=3, shape=(64, 64, 8))
+
+
+def test_acdc_layout_headers_and_exact_ground_truth(acdc):
+    recs = acdc_pairs(acdc, directions=("ES_ED",))
+    assert len(recs) == 3 and (acdc / "patient001" / "Info.cfg").exists()
+    zooms = nib.load(recs[0]["fixed"]).header.get_zooms()
+    np.testing.assert_allclose(zooms, (1.8, 1.8, 10.0))
+    for r in recs:
+        fl, ml = nii(r["fixed_label"]), nii(r["moving_label"])
+        disp = nii(acdc / r["patient"] / f"{r['patient']}_disp_ES_ED.nii.gz")
+        assert set(np.unique(fl.numpy())) == {0, 1, 2, 3}
+        before = dice_per_label(ml[None], fl[None], [1, 2, 3])
+        after = dice_per_label(warp_label(ml, disp)[None], fl[None], [1, 2, 3])
+        assert before.max() < 95 and after.min() > 99, (before, after)  # GT field explains the motion
+
+
+def test_acdc_reader_directions_split_and_predicted_labels(acdc, tmp_path):
+    recs = acdc_pairs(acdc)
+    assert {r["direction"] for r in recs} == {"ES_ED", "ED_ES"}
+    train, val, test = split_patients(recs, (0.34, 0.33))
+    assert {r["patient"] for r in train}.isdisjoint({r["patient"] for r in val} | {r["patient"] for r in test})
+    pred = tmp_path / "pred"
+    with pytest.raises(ValueError, match="missing"):
+        acdc_pairs(acdc, label_dir=pred)
+    (acdc / "patient001" / "Info.cfg").rename(acdc / "patient001" / "Info.bak")
+    try:
+        with pytest.raises(ValueError, match="Info.cfg"):
+            acdc_pairs(acdc)
+    finally:
+        (acdc / "patient001" / "Info.bak").rename(acdc / "patient001" / "Info.cfg")
+
+
+def test_abdomen_json_layout_and_inter_subject_variation(tmp_path):
+    js = make_abdomen(str(tmp_path), n_subjects=4, shape=(40, 36, 48))
+    spec = json.loads(js.read_text())
+    assert len(spec["labels"]) == 14 and spec["numTraining"] == 4
+    recs = learn2reg_pairs(js, split="training_all")
+    assert len(recs) == 12 and "fixed_label" in recs[0]
+    val = learn2reg_pairs(js)
+    assert len(val) == spec["numRegistration_val"] > 0
+    a, b = nii(recs[0]["fixed_label"]), nii(recs[0]["moving_label"])
+    d = dice_per_label(b[None], a[None], list(range(1, 14)))
+    assert torch.nanmean(d) < 90  # subjects differ
+    assert (tmp_path / "masksTr" / "AbdomenCTCT_0001_0000.nii.gz").exists()
+
+
+def test_thorax_layout_keypoints_and_ground_truth(tmp_path):
+    js = make_thorax(str(tmp_path), n_subjects=2, shape=(48, 40, 40), n_keypoints=30)
+    recs = learn2reg_pairs(js, split="registration_val", label_dir="segmentationsTr")
+    assert len(recs) == 2 and recs[0]["moving"].endswith("_0000.nii.gz")
+    r = recs[0]
+    fk, mk = read_keypoints(r["fixed_keypoints"]), read_keypoints(r["moving_keypoints"])
+    assert fk.shape == mk.shape == (30, 3)
+    # the JSON names keypoints .nii.gz; the reader finds the .csv of the same stem
+    entry = json.loads(js.read_text())["training"][0]
+    assert read_keypoints(tmp_path / entry["keypoints01"]).shape[1] == 3
+    fixed, moving = nii(r["fixed"]), nii(r["moving"])
+    assert (fixed == -1000).float().mean() > (moving == -1000).float().mean()  # smaller CBCT field of view
+    name = learn2reg_disp_name(r["fixed"], r["moving"])
+    assert name == "disp_0001_0001_0001_0000.nii.gz" or name == "disp_0001_0002_0001_0000.nii.gz"
+    disp = nii(tmp_path / "gtdisp" / name)
+    fl, ml = nii(r["fixed_label"]), nii(r["moving_label"])
+    ids = [int(v) for v in np.unique(fl.numpy()) if v]
+    before = torch.nanmean(dice_per_label(ml[None], fl[None], ids))
+    after = torch.nanmean(dice_per_label(warp_label(ml, disp)[None], fl[None], ids))
+    assert after > 99 and before < after
+
+
+def test_learn2reg_names_and_bad_files(tmp_path):
+    assert (
+        learn2reg_disp_name("imagesTr/AbdomenCTCT_0001_0000.nii.gz", "AbdomenCTCT_0002_0000.nii.gz")
+        == "disp_0001_0002.nii.gz"
+    )
+    with pytest.raises(ValueError, match="not a Learn2Reg"):
+        learn2reg_disp_name("a.nii.gz", "b.nii.gz")
+    bad = tmp_path / "broken.nii.gz"
+    bad.write_bytes(b"not a nifti")
+    with pytest.raises(ValueError, match="broken.nii.gz"):
+        load_nifti(bad)
+    with pytest.raises(ValueError, match="cannot read Learn2Reg dataset JSON"):
+        learn2reg_pairs(tmp_path / "missing.json")
+
+
+def test_atomic_write_leaves_no_partial_file(tmp_path):
+    target = tmp_path / "x.nii.gz"
+    with pytest.raises(Exception):
+        save_nifti(np.zeros((2, 2, 2), dtype=object), target, spacing_affine((1, 1, 1)))
+    assert not target.exists() and list(tmp_path.iterdir()) == []
