@@ -7,13 +7,13 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from monai.losses import DiceLoss, LocalNormalizedCrossCorrelationLoss
+from monai.losses import LocalNormalizedCrossCorrelationLoss
 from monai.networks.blocks import Warp
 from tqdm.auto import tqdm
 
 from custom.composer import FieldComposer
 from custom.inferer import composition_weights, crop_boxes, plain, select_regions
-from custom.losses import EDTLoss, RegionDiffusionLoss
+from custom.losses import RegionDiffusionLoss, SegRegLoss
 from custom.mind import MINDSSCLoss
 from custom.networks import VelocityToDisplacement
 from custom.regions import labels_to_regions, normalised_edt, present_labels
@@ -111,7 +111,7 @@ class IterativeSegReg:
         self.weights = {k: float(v) for k, v in w.items()}
         self.grid_spacing = max(1, int(grid_spacing))
         self.min_size = max(2, int(min_size))
-        self.lr, self.margin, self.mask_loss, self.edt_scale = lr, margin, mask_loss, edt_scale
+        self.lr, self.margin, self.mask_loss = lr, margin, mask_loss
         self.region_ids = None if region_ids is None else [int(r) for r in region_ids]
         self.global_region, self.progress = global_region, progress
         self.integrate = VelocityToDisplacement(num_steps if field == "velocity" else 0)
@@ -121,8 +121,7 @@ class IterativeSegReg:
             "mind_dilation": mind_dilation,
             "ncc_kernel_size": ncc_kernel_size,
         }
-        self.dice = DiceLoss(include_background=True)
-        self.edt = EDTLoss()
+        self.mask_losses = SegRegLoss(mask_loss=mask_loss, edt_scale=edt_scale)
         self.reg = RegionDiffusionLoss()
         self.composer = FieldComposer()
         self.warp = Warp(mode="bilinear", padding_mode="zeros")
@@ -167,14 +166,11 @@ class IterativeSegReg:
             return None, None
         return tuple(normalised_edt(m[0].cpu())[None].to(m.device) for m in (fixed_masks, moving_masks))
 
-    def mask_term(self, task: RegionTask, u: torch.Tensor, fm, mm, fe, me) -> torch.Tensor:
-        dice = self.dice(self.warp(mm, u), fm) if self.mask_loss != "edt" else None
-        edt = self.edt(self.warp(me, u), fe) if self.mask_loss != "dice" else None
-        if self.mask_loss == "dice":
-            return dice
-        if self.mask_loss == "edt":
-            return edt
-        return 0.5 * (dice + self.edt_scale * edt)
+    def mask_term(self, u: torch.Tensor, fm, mm, fe, me) -> torch.Tensor:
+        """Mask loss of the moving masks / EDT maps warped by ``u`` (only what ``mask_loss`` needs is warped)."""
+        warped_mask = self.warp(mm, u) if self.mask_loss != "edt" else None
+        warped_edt = self.warp(me, u) if self.mask_loss != "dice" else None
+        return self.mask_losses.mask_term(warped_mask, fm, warped_edt, fe)
 
     def optimise(self, task: RegionTask, bar=None) -> torch.Tensor:
         """Displacement ``(1, D, *s)`` for one task, coarse to fine."""
@@ -197,7 +193,7 @@ class IterativeSegReg:
                 opt.zero_grad(set_to_none=True)
                 u = self.integrate(resize_field(param, size))
                 loss = self.weights["sim"] * sim_fn(self.warp(mi, u), fi)
-                loss = loss + self.weights["mask"] * self.mask_term(task, u, fm, mm, fe, me)
+                loss = loss + self.weights["mask"] * self.mask_term(u, fm, mm, fe, me)
                 loss = loss + self.weights["reg"] * self.reg(u, rm)
                 loss.backward()
                 opt.step()

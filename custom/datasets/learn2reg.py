@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from custom.io import learn2reg_case_id
+
 
 def load_dataset_json(path: str | Path) -> dict:
     try:
@@ -38,11 +40,10 @@ def read_keypoints(path: str | Path) -> np.ndarray:
 
 def keypoint_pair(root: Path, fixed: str, moving: str) -> tuple[Path, Path] | None:
     """(fixed, moving) keypoint CSVs for a pair: ``keypoints0{m}Tr`` for FBCT/CBCT pairs, else ``keypointsTr``."""
-    fm, mm = Path(fixed).name.split(".")[0][-4:], Path(moving).name.split(".")[0][-4:]
+    (_, fm), (_, mm) = learn2reg_case_id(fixed), learn2reg_case_id(moving)
     mods = sorted([int(fm), int(mm)])
-    folder = "keypointsTr" if fm == mm else f"keypoints{mods[0]}{mods[1]}Tr"
-    f = root / folder / (Path(fixed).name.split(".")[0] + ".csv")
-    m = root / folder / (Path(moving).name.split(".")[0] + ".csv")
+    folder = root / ("keypointsTr" if fm == mm else f"keypoints{mods[0]}{mods[1]}Tr")
+    f, m = (folder / (Path(x).name.split(".")[0] + ".csv") for x in (fixed, moving))
     return (f, m) if f.exists() and m.exists() else None
 
 
