@@ -91,6 +91,7 @@ class SegRegInferer(Inferer):
         sigma: optional Gaussian smoothing (voxels) of the composition weights.
         region_ids: regions to register (``None`` = every id present in both images).
         amp: run the backbone (only) under autocast.
+        global_region: register the whole pair as one region (the baseline: plain VoxelMorph on unmasked images).
     """
 
     def __init__(
@@ -103,13 +104,14 @@ class SegRegInferer(Inferer):
         sigma: float | None = None,
         region_ids: Sequence[int] | None = None,
         amp: bool = False,
+        global_region: bool = False,
     ) -> None:
         super().__init__()
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.margin, self.max_batch, self.divisor, self.crop = margin, max_batch, divisor, crop
         self.region_ids = None if region_ids is None else [int(r) for r in region_ids]
-        self.amp = amp
+        self.amp, self.global_region = amp, global_region
         self.integrate = VelocityToDisplacement(num_steps)
         self.composer = FieldComposer(sigma=sigma)
         self.warp_image = Warp(mode="bilinear", padding_mode="border")
@@ -141,13 +143,17 @@ class SegRegInferer(Inferer):
 
     def register_one(self, pair: torch.Tensor, network, fixed_label, moving_label) -> torch.Tensor:
         """Composed ddf ``(1, D, *S)`` for one case."""
-        regions, _ = select_regions(fixed_label, moving_label, self.region_ids)
-        fixed_masks = labels_to_regions(fixed_label, regions)
-        moving_masks = labels_to_regions(moving_label, regions)
-        weights = self.composer.prepare_weights(composition_weights(fixed_label, regions))
-        boxes = crop_boxes(fixed_masks, moving_masks, self.margin, self.crop)
-        order = sorted(range(len(regions)), key=lambda i: math.prod(s.stop - s.start for s in boxes[i]))
         spatial = pair.shape[2:]
+        if self.global_region:
+            fixed_masks = moving_masks = weights = pair.new_ones((1, 1) + tuple(spatial), dtype=torch.float32)
+            regions = [-1]
+        else:
+            regions, _ = select_regions(fixed_label, moving_label, self.region_ids)
+            fixed_masks = labels_to_regions(fixed_label, regions)
+            moving_masks = labels_to_regions(moving_label, regions)
+            weights = self.composer.prepare_weights(composition_weights(fixed_label, regions))
+        boxes = crop_boxes(fixed_masks, moving_masks, self.margin, self.crop and not self.global_region)
+        order = sorted(range(len(regions)), key=lambda i: math.prod(s.stop - s.start for s in boxes[i]))
         ddf = pair.new_zeros((1, len(spatial)) + tuple(spatial), dtype=torch.float32)
         for start in range(0, len(order), self.max_batch):
             chunk = order[start : start + self.max_batch]

@@ -89,3 +89,51 @@ class RandRegionPaird(Randomizable, MapTransform):
             d[f"{p}{side}_region_edt"] = normalised_edt(mask, sampling=self.edt_spacing)
         d[f"{p}region_id"] = r
         return d
+
+
+class GlobalRegiond(MapTransform):
+    """The baseline's "region pair": the whole images, with every foreground label one-hot as the mask.
+
+    Writes the same keys as :class:`RandRegionPaird` so the same loss and trainer serve both variants (plain
+    weakly-supervised VoxelMorph): ``*_region_image`` = the image, ``*_region_mask`` ``(L, *S)`` one-hot of
+    ``label_ids``, ``*_region_edt`` ``(L, *S)`` their normalised EDT maps, ``region_id`` = -1.
+
+    Args:
+        keys: ``(fixed_image, moving_image, fixed_label, moving_label)``.
+        label_ids: the foreground ids that form the mask channels (the bundle's label list without 0).
+        edt_spacing: spacing passed to the EDT (``None`` = voxel units).
+        prefix: prefix of the output keys.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection = ("fixed_image", "moving_image", "fixed_label", "moving_label"),
+        label_ids: Sequence[int] = (1,),
+        edt_spacing=None,
+        prefix: str = "",
+    ) -> None:
+        MapTransform.__init__(self, keys)
+        if len(self.keys) != 4:
+            raise ValueError("GlobalRegiond needs 4 keys (fixed_image, moving_image, fixed_label, moving_label).")
+        if not label_ids:
+            raise ValueError("GlobalRegiond needs at least one foreground label id")
+        self.label_ids = [int(i) for i in label_ids]
+        self.edt_spacing, self.prefix = edt_spacing, prefix
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        d = dict(data)
+        kf, km, klf, klm = self.keys
+        p = self.prefix
+        for side, kimg, klab in (("fixed", kf, klf), ("moving", km, klm)):
+            img = torch.as_tensor(d[kimg]).float()
+            if torch.isnan(img).any():
+                raise ValueError(f"image {source_name(d[kimg], kimg)} contains NaN; clean or re-export it.")
+            lab = torch.as_tensor(d[klab])
+            if img.shape[1:] != lab.shape[1:]:
+                raise ValueError(f"{side} image and label shapes differ: {tuple(img.shape)} vs {tuple(lab.shape)}")
+            mask = torch.cat([(lab == i).float() for i in self.label_ids])
+            d[f"{p}{side}_region_mask"] = mask
+            d[f"{p}{side}_region_image"] = img
+            d[f"{p}{side}_region_edt"] = normalised_edt(mask, sampling=self.edt_spacing)
+        d[f"{p}region_id"] = -1
+        return d

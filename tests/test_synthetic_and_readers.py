@@ -32,7 +32,7 @@ def acdc(tmp_path_factory):
 def test_acdc_layout_headers_and_exact_ground_truth(acdc):
     recs = acdc_pairs(acdc, directions=("ES_ED",))
     assert len(recs) == 3 and (acdc / "patient001" / "Info.cfg").exists()
-    zooms = nib.load(recs[0]["fixed"]).header.get_zooms()
+    zooms = nib.load(recs[0]["fixed_image"]).header.get_zooms()
     np.testing.assert_allclose(zooms, (1.8, 1.8, 10.0))
     for r in recs:
         fl, ml = nii(r["fixed_label"]), nii(r["moving_label"])
@@ -76,16 +76,16 @@ def test_abdomen_json_layout_and_inter_subject_variation(tmp_path):
 def test_thorax_layout_keypoints_and_ground_truth(tmp_path):
     js = make_thorax(str(tmp_path), n_subjects=2, shape=(48, 40, 40), n_keypoints=30)
     recs = learn2reg_pairs(js, split="registration_val", label_dir="segmentationsTr")
-    assert len(recs) == 2 and recs[0]["moving"].endswith("_0000.nii.gz")
+    assert len(recs) == 2 and recs[0]["moving_image"].endswith("_0000.nii.gz")
     r = recs[0]
     fk, mk = read_keypoints(r["fixed_keypoints"]), read_keypoints(r["moving_keypoints"])
     assert fk.shape == mk.shape == (30, 3)
     # the JSON names keypoints .nii.gz; the reader finds the .csv of the same stem
     entry = json.loads(js.read_text())["training"][0]
     assert read_keypoints(tmp_path / entry["keypoints01"]).shape[1] == 3
-    fixed, moving = nii(r["fixed"]), nii(r["moving"])
+    fixed, moving = nii(r["fixed_image"]), nii(r["moving_image"])
     assert (fixed == -1000).float().mean() > (moving == -1000).float().mean()  # smaller CBCT field of view
-    name = learn2reg_disp_name(r["fixed"], r["moving"])
+    name = learn2reg_disp_name(r["fixed_image"], r["moving_image"])
     assert name == "disp_0001_0001_0001_0000.nii.gz" or name == "disp_0001_0002_0001_0000.nii.gz"
     disp = nii(tmp_path / "gtdisp" / name)
     fl, ml = nii(r["fixed_label"]), nii(r["moving_label"])

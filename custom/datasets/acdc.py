@@ -37,11 +37,13 @@ def acdc_pairs(
     directions=("ES_ED", "ED_ES"),
     label_dir: str | Path | None = None,
 ) -> list[dict]:
-    """Pair records ``{fixed, moving, fixed_label, moving_label, patient, direction}``.
+    """Pair records ``{fixed_image, moving_image, fixed_label, moving_label, patient, direction, pair_id}``
+    (+ ``fixed_gt``/``moving_gt``).
 
     ``directions``: "ES_ED" = fixed ES, moving ED; "ED_ES" the reverse. ``patients``: restrict to these ids.
     ``label_dir``: take label maps from this folder (e.g. nnU-Net predictions named like the images,
-    ``patientXXX_frameYY.nii.gz``) instead of the ground-truth ``_gt`` files.
+    ``patientXXX_frameYY.nii.gz``) instead of the ground-truth ``_gt`` files; ``fixed_gt``/``moving_gt`` keep the
+    ground truth (where it exists) for scoring.
     """
     records = []
     for pdir in patient_dirs(root):
@@ -57,18 +59,23 @@ def acdc_pairs(
         for p in list(frames.values()) + list(labels.values()):
             if not p.exists():
                 raise ValueError(f"{p} is missing (needed for {pid}); check the ACDC folder or label_dir.")
+        gts = {k: f.with_name(f.name.replace(".nii.gz", "_gt.nii.gz")) for k, f in frames.items()}
         for d in directions:
+            if d not in ("ES_ED", "ED_ES"):
+                raise ValueError(f"direction must be 'ES_ED' or 'ED_ES' (fixed_moving), got {d!r}")
             fixed, moving = d.split("_")
-            records.append(
-                {
-                    "fixed": str(frames[fixed]),
-                    "moving": str(frames[moving]),
-                    "fixed_label": str(labels[fixed]),
-                    "moving_label": str(labels[moving]),
-                    "patient": pid,
-                    "direction": d,
-                }
-            )
+            rec = {
+                "fixed_image": str(frames[fixed]),
+                "moving_image": str(frames[moving]),
+                "fixed_label": str(labels[fixed]),
+                "moving_label": str(labels[moving]),
+                "patient": pid,
+                "direction": d,
+                "pair_id": f"{pid}_{d}",
+            }
+            if gts[fixed].exists() and gts[moving].exists():
+                rec["fixed_gt"], rec["moving_gt"] = str(gts[fixed]), str(gts[moving])
+            records.append(rec)
     return records
 
 
@@ -82,3 +89,31 @@ def split_patients(records: list[dict], fractions=(0.8, 0.2)) -> tuple[list[dict
         start += n
     bounds.append(set(ids[start:]))
     return tuple([r for r in records if r["patient"] in b] for b in bounds)
+
+
+def acdc_split(
+    root: str | Path,
+    part: str = "train",
+    train_fraction: float = 0.8,
+    directions=("ES_ED", "ED_ES"),
+    label_dir: str | Path | None = None,
+) -> list[dict]:
+    """Records of one part of the ACDC split by patient id: "train", "val" or "test".
+
+    "train"/"val": the patients of ``root/training`` (or of ``root`` itself), sorted by id, the first
+    ``train_fraction`` for training and the rest for validation (80/20 on the 100 ACDC training patients).
+    "test": the patients of ``root/testing`` (the 50 ACDC test patients).
+    """
+    root = Path(root)
+    if part not in ("train", "val", "test"):
+        raise ValueError(f"part must be 'train', 'val' or 'test', got {part!r}")
+    if part == "test":
+        if not (root / "testing").is_dir():
+            raise ValueError(f"{root / 'testing'} does not exist; the ACDC test patients are read from there.")
+        return acdc_pairs(root / "testing", directions=directions, label_dir=label_dir)
+    folder = root / "training" if (root / "training").is_dir() else root
+    train, val = split_patients(acdc_pairs(folder, directions=directions, label_dir=label_dir), (train_fraction,))
+    chosen = train if part == "train" else val
+    if not chosen:
+        raise ValueError(f"the {part} part of {folder} is empty with train_fraction={train_fraction}")
+    return chosen

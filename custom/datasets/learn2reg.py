@@ -50,7 +50,7 @@ def keypoint_pair(root: Path, fixed: str, moving: str) -> tuple[Path, Path] | No
 def learn2reg_pairs(
     json_path: str | Path, split: str = "registration_val", label_dir: str = "labelsTr", keypoints: bool = True
 ) -> list[dict]:
-    """Pair records ``{fixed, moving[, fixed_label, moving_label][, fixed_keypoints, moving_keypoints]}``.
+    """Pair records ``{fixed_image, moving_image[, fixed_label, moving_label][, fixed_keypoints, moving_keypoints]}``.
 
     ``split``: a pair list of the JSON (``registration_val``, ``training_paired_images``, ...) or "training_all" for
     every ordered pair of distinct ``training`` images (inter-subject training). ``label_dir``: folder beside
@@ -69,16 +69,49 @@ def learn2reg_pairs(
         raise ValueError(f"{json_path} has no pair list {split!r}; available: {options + ['training_all']}")
     records = []
     for p in pairs:
-        rec = {"fixed": str(_resolve(root, p["fixed"])), "moving": str(_resolve(root, p["moving"]))}
+        rec = {f"{k}_image": str(_resolve(root, p[k])) for k in ("fixed", "moving")}
         for k in ("fixed", "moving"):
-            if not Path(rec[k]).exists():
-                raise ValueError(f"{rec[k]} listed in {json_path} does not exist.")
-            lab = Path(rec[k].replace("/imagesTr/", f"/{label_dir}/"))
+            if not Path(rec[f"{k}_image"]).exists():
+                raise ValueError(f"{rec[f'{k}_image']} listed in {json_path} does not exist.")
+            lab = Path(rec[f"{k}_image"].replace("/imagesTr/", f"/{label_dir}/"))
             if lab.exists():
                 rec[f"{k}_label"] = str(lab)
         if keypoints:
-            kp = keypoint_pair(root, rec["fixed"], rec["moving"])
+            kp = keypoint_pair(root, rec["fixed_image"], rec["moving_image"])
             if kp is not None:
                 rec["fixed_keypoints"], rec["moving_keypoints"] = str(kp[0]), str(kp[1])
         records.append(rec)
     return records
+
+
+def learn2reg_split(
+    json_path: str | Path,
+    part: str = "train",
+    n_train: int = 20,
+    n_val: int = 3,
+    label_dir: str = "labelsTr",
+    keypoints: bool = True,
+) -> list[dict]:
+    """Inter-subject pair records of one part of a split of the JSON's ``training`` images, by subject id.
+
+    The images sorted by name are cut into ``n_train`` train, ``n_val`` validation and the rest test subjects
+    (20/3/7 on the 30 AbdomenCTCT scans); each part gives every ordered pair of distinct subjects in it (20 x 19 =
+    380 training pairs). ``part`` may also name a pair list of the JSON (e.g. ``registration_val``).
+    """
+    spec = load_dataset_json(json_path)
+    if part not in ("train", "val", "test"):
+        return learn2reg_pairs(json_path, part, label_dir, keypoints)
+    images = sorted(e["image"] for e in spec.get("training", []))
+    if n_train + n_val >= len(images) or n_train < 2:
+        raise ValueError(
+            f"{json_path} lists {len(images)} training images; n_train={n_train} + n_val={n_val} must leave test "
+            "subjects and n_train >= 2. Set the config ids n_train / n_val for this data set."
+        )
+    start, stop = {"train": (0, n_train), "val": (n_train, n_train + n_val), "test": (n_train + n_val, None)}[part]
+    chosen = set(images[start:stop])
+    if len(chosen) < 2:
+        raise ValueError(f"the {part} part of {json_path} has {len(chosen)} subject(s); pairs need 2 (n_train/n_val)")
+    records = learn2reg_pairs(json_path, "training_all", label_dir, keypoints)
+    root = Path(json_path).parent
+    names = {str(_resolve(root, i)): i for i in images}
+    return [r for r in records if names[r["fixed_image"]] in chosen and names[r["moving_image"]] in chosen]

@@ -54,16 +54,23 @@ def heart_fields(shape, centre, rng: np.random.Generator, r_heart: float):
 
 
 def make_acdc(
-    out_dir: str, n_subjects: int = 6, shape=(128, 128, 16), spacing=(1.8, 1.8, 10.0), seed: int = 0, first_id: int = 1
+    out_dir: str,
+    n_subjects: int = 6,
+    shape=(128, 128, 16),
+    spacing=(1.8, 1.8, 10.0),
+    seed: int = 0,
+    first_id: int = 1,
+    n_test: int = 0,
 ) -> Path:
-    """Generate ``n_subjects`` synthetic ACDC patients under ``out_dir/training``; returns that folder."""
+    """Generate ``n_subjects`` synthetic ACDC patients under ``out_dir/training`` and ``n_test`` more under
+    ``out_dir/testing`` (the next ids); returns the training folder."""
     rng = np.random.default_rng(seed)
     root = Path(out_dir) / "training"
     affine = spacing_affine(spacing)
     shape = tuple(int(s) for s in shape)
-    for k in tqdm(range(n_subjects), desc="synthetic ACDC", leave=False):
+    for k in tqdm(range(n_subjects + n_test), desc="synthetic ACDC", leave=False):
         pid = f"patient{first_id + k:03d}"
-        pdir = root / pid
+        pdir = (root if k < n_subjects else root.with_name("testing")) / pid
         ed_label, centre = heart_anatomy(shape, rng)
         body = ellipsoid(shape, [shape[0] / 2, shape[1] / 2, shape[2] / 2], [shape[0] * 0.45, shape[1] * 0.38, 1e3])
         texture = smooth_noise(shape, 2.0, rng)

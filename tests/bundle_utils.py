@@ -1,0 +1,43 @@
+"""Helpers for the bundle tests: paths, tiny-network overrides, running a config through ConfigWorkflow."""
+
+import json
+from pathlib import Path
+
+import jsonschema
+from monai.bundle import ConfigWorkflow
+
+REPO = Path(__file__).resolve().parent.parent
+SCHEMA = REPO.parent / "shared" / "meta_schema_20240725.json"
+
+# a 4-level UNet with 4 channels per level keeps a training iteration on a 32x32x16 pair well under a second
+TINY_NET = {
+    "network_def#channels": [4, 4, 4, 4, 4, 4, 4, 4],
+    "network_def#unet_out_channels": 4,
+    "network_def#final_conv_channels": [4, 4],
+}
+
+
+def configs(bundle: str) -> Path:
+    return REPO / "bundles" / bundle / "configs"
+
+
+def workflow(files, workflow_type: str, **override) -> ConfigWorkflow:
+    wf = ConfigWorkflow(config_file=[str(f) for f in files], workflow_type=workflow_type, **override)
+    wf.initialize()
+    return wf
+
+
+def run(files, workflow_type: str, **override):
+    wf = workflow(files, workflow_type, **override)
+    out = wf.run()
+    wf.finalize()
+    return out
+
+
+def validate_metadata(bundle: str) -> dict:
+    meta = json.loads((configs(bundle) / "metadata.json").read_text())
+    if SCHEMA.is_file():  # the schema lives beside the repository in the workplace
+        jsonschema.validate(meta, json.loads(SCHEMA.read_text()))
+    for key in ("version", "monai_version", "pytorch_version", "numpy_version", "network_data_format", "labels"):
+        assert key in meta, key
+    return meta
