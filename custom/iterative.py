@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from monai.inferers import Inferer
 from monai.losses import LocalNormalizedCrossCorrelationLoss
 from monai.networks.blocks import Warp
 from tqdm.auto import tqdm
@@ -30,6 +31,7 @@ class RegionTask:
     fixed_edt: torch.Tensor | None
     moving_edt: torch.Tensor | None
     reg_mask: torch.Tensor | None
+    use_similarity: bool = True
 
 
 def resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
@@ -71,6 +73,12 @@ class IterativeSegReg:
         grid_spacing: the field is optimised on a control grid this many times coarser than each level's image
             grid and upsampled (linear); 1 = one parameter per voxel.
         min_size: an axis is never downsampled below this many voxels (thin axes such as 16 cine-MR slices).
+        fov_value: fixed-image intensity at or below which a voxel lies outside the scanner's field of view (e.g. the
+            padding of a cone-beam CT); a region with less than half of its fixed mask inside the field of view is
+            registered by the mask loss and regulariser only. ``None`` disables the check.
+        min_region_voxels: a level is skipped for a region whose fixed mask covers fewer voxels at that resolution
+            (small or thin structures such as a scapula vanish when downsampled; optimising them there only lets
+            Adam's normalised steps drift the field).
         field: "displacement" or "velocity" (integrated with ``num_steps`` scaling and squaring steps).
         region_ids: regions to register (``None`` = every id present in both label maps).
         progress: show a tqdm progress bar per pair.
@@ -87,6 +95,8 @@ class IterativeSegReg:
         margin: int = 8,
         grid_spacing: int = 2,
         min_size: int = 8,
+        min_region_voxels: int = 64,
+        fov_value: float | None = None,
         field: str = "displacement",
         num_steps: int = 7,
         mind_radius: int = 1,
@@ -111,6 +121,8 @@ class IterativeSegReg:
         self.weights = {k: float(v) for k, v in w.items()}
         self.grid_spacing = max(1, int(grid_spacing))
         self.min_size = max(2, int(min_size))
+        self.min_region_voxels = int(min_region_voxels)
+        self.fov_value = fov_value
         self.lr, self.margin, self.mask_loss = lr, margin, mask_loss
         self.region_ids = None if region_ids is None else [int(r) for r in region_ids]
         self.global_region, self.progress = global_region, progress
@@ -157,7 +169,11 @@ class IterativeSegReg:
             sl = (slice(None), slice(i, i + 1)) + box
             fm, mm = fmasks[sl], mmasks[sl]
             img = (slice(None), slice(None)) + box
-            tasks.append(RegionTask(fixed[img] * fm, moving[img] * mm, fm, mm, *self._edts(fm, mm, need_edt), fm))
+            inside = True
+            if self.fov_value is not None:
+                inside = bool((fixed[img][fm > 0] > self.fov_value).float().mean() >= 0.5)
+            edts = self._edts(fm, mm, need_edt)
+            tasks.append(RegionTask(fixed[img] * fm, moving[img] * mm, fm, mm, *edts, fm, inside))
         return regions, weights, boxes, tasks
 
     @staticmethod
@@ -187,19 +203,28 @@ class IterativeSegReg:
             rm = None if task.reg_mask is None else (resize(task.reg_mask, size) > 0.5).float()
             init = fi.new_zeros((1, len(full)) + tuple(grid)) if param is None else resize_field(param.detach(), grid)
             param = torch.nn.Parameter(init)
+            if rm is not None and factor != self.levels[-1] and rm.sum() < self.min_region_voxels:
+                if bar is not None:
+                    bar.update(n_it)
+                continue
             opt = torch.optim.Adam([param], lr=self.lr)
             sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(n_it, 1), eta_min=0.05 * self.lr)
+            best = (float("inf"), init)
             for _ in range(n_it):
                 opt.zero_grad(set_to_none=True)
                 u = self.integrate(resize_field(param, size))
-                loss = self.weights["sim"] * sim_fn(self.warp(mi, u), fi)
-                loss = loss + self.weights["mask"] * self.mask_term(u, fm, mm, fe, me)
+                loss = self.weights["mask"] * self.mask_term(u, fm, mm, fe, me)
+                if task.use_similarity:
+                    loss = loss + self.weights["sim"] * sim_fn(self.warp(mi, u), fi)
                 loss = loss + self.weights["reg"] * self.reg(u, rm)
+                if loss.item() < best[0]:  # keep the best iterate: Adam's normalised steps can oscillate at the end
+                    best = (loss.item(), param.detach().clone())
                 loss.backward()
                 opt.step()
                 sched.step()
                 if bar is not None:
                     bar.update(1)
+            param = torch.nn.Parameter(best[1])
         with torch.no_grad():
             return self.integrate(resize_field(param.detach(), full))
 
@@ -231,3 +256,33 @@ class IterativeSegReg:
             "warped_image": self.warp_image(moving, ddf),
             "warped_label": self.warp_label(moving_label.float(), ddf),
         }
+
+
+class IterativeInferer(Inferer):
+    """MONAI ``Inferer`` around :class:`IterativeSegReg`, so evaluator configs can run the training-free mode.
+
+    ``__call__(inputs, network, fixed_label, moving_label)`` with ``inputs = cat([moving, fixed])`` ``(B, 2, *S)``
+    and label maps ``(B, 1, *S)`` returns ``{"ddf", "warped_image", "warped_label"}`` like ``SegRegInferer``.
+    ``network`` is ignored (the field is optimised per pair); gradients are enabled inside even when the evaluator
+    runs under ``torch.no_grad``. Keyword arguments go to :class:`IterativeSegReg`.
+    """
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__()
+        self.optimiser = IterativeSegReg(**kwargs)
+
+    def __call__(self, inputs, network=None, fixed_label=None, moving_label=None, *args, **kwargs) -> dict:
+        if fixed_label is None or moving_label is None:
+            raise ValueError("IterativeInferer needs fixed_label and moving_label (label maps, (B, 1, *S)).")
+        inputs = plain(inputs)
+        if inputs.shape[1] != 2:
+            raise ValueError(f"inputs must be cat([moving, fixed], dim=1) with 2 channels, got {tuple(inputs.shape)}")
+        outs = []
+        with torch.enable_grad():
+            for b in range(inputs.shape[0]):
+                outs.append(
+                    self.optimiser(
+                        inputs[b : b + 1, 1:], inputs[b : b + 1, :1], fixed_label[b : b + 1], moving_label[b : b + 1]
+                    )
+                )
+        return {k: torch.cat([o[k].detach() for o in outs]) for k in ("ddf", "warped_image", "warped_label")}

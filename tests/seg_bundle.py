@@ -18,9 +18,9 @@ NET = {
     "spatial_dims": 3,
     "in_channels": 1,
     "out_channels": N_CLASSES,
-    "channels": [8, 16, 32],
-    "strides": [2, 2],
-    "num_res_units": 1,
+    "channels": [8, 16],
+    "strides": [2],
+    "num_res_units": 0,
 }
 
 
@@ -87,7 +87,7 @@ def inference_config() -> dict:
     }
 
 
-def make_segmentation_bundle(root: Path, images, labels, iterations: int = 150, seed: int = 0) -> tuple[Path, Path]:
+def make_segmentation_bundle(root: Path, images, labels, iterations: int = 40, seed: int = 0) -> tuple[Path, Path]:
     """Train the tiny UNet on (image, label) files; write the bundle and its merge map. Returns (bundle, map)."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -101,8 +101,8 @@ def make_segmentation_bundle(root: Path, images, labels, iterations: int = 150, 
     loss_fn = torch.nn.CrossEntropyLoss()
     for _ in range(iterations):
         img, seg = vols[rng.integers(len(vols))]
-        c = [int(rng.integers(0, max(1, s - 32 + 1))) for s in img.shape]
-        sl = tuple(slice(a, a + 32) for a in c)
+        c = [int(rng.integers(0, max(1, s - 24 + 1))) for s in img.shape]
+        sl = tuple(slice(a, a + 24) for a in c)
         opt.zero_grad()
         loss = loss_fn(net(img[sl][None, None]), seg[sl][None])
         loss.backward()

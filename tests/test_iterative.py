@@ -62,3 +62,19 @@ def test_iterative_cuda():
     p = {k: v.cuda() for k, v in sliding_slabs(shift=4).items()}
     seg = IterativeSegReg(**SETTINGS)(p["fixed"], p["moving"], p["fixed_regions"], p["moving_regions"])
     assert organ_dice({k: v.cpu() for k, v in p.items()}, seg["ddf"].cpu()).min() >= 95
+
+
+def test_region_outside_the_fixed_field_of_view_drops_the_similarity_term():
+    # CBCT padding (0) covers a thin peripheral "bone": MIND against an empty image would only drag it, so that
+    # region is registered by its mask and regulariser; regions inside the field of view keep the similarity
+    fixed = torch.rand(1, 1, 24, 24, 16) * 0.5 + 0.3
+    label = torch.zeros(1, 1, 24, 24, 16)
+    label[..., 2:20, 2:18, 2:14] = 1
+    label[..., 6:14, 20:23, 3:13] = 2
+    moving = fixed.clone()
+    fixed[..., :, 19:, :] = 0.0
+    regions, _, _, tasks = IterativeSegReg(fov_value=0.0, progress=False).tasks(fixed, moving, label, label)
+    use = dict(zip(regions, [t.use_similarity for t in tasks]))
+    assert use[1] and not use[2]
+    _, _, _, tasks = IterativeSegReg(progress=False).tasks(fixed, moving, label, label)
+    assert all(t.use_similarity for t in tasks)

@@ -1,0 +1,31 @@
+"""Dictionary transforms for label maps: merge source classes into the bundle's regions."""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping
+
+from monai.config import KeysCollection
+from monai.transforms import MapTransform
+
+from custom.regions import load_merge_map, merge_labels, source_name
+
+
+class MergeLabelsd(MapTransform):
+    """Map the label ids of ``keys`` through a merge-map JSON (e.g. TotalSegmentator classes -> 13 thorax regions).
+
+    Ids that the map does not list become background and are reported with a warning naming the file
+    (``unknown="error"`` raises instead). The map file format is documented in ``custom.regions.load_merge_map``.
+    """
+
+    def __init__(self, keys: KeysCollection, merge_map: str, unknown: str = "warn", allow_missing_keys=False):
+        super().__init__(keys, allow_missing_keys)
+        if unknown not in ("warn", "error", "ignore"):
+            raise ValueError(f"unknown must be 'warn', 'error' or 'ignore', got {unknown!r}")
+        self.mapping = load_merge_map(merge_map)["map"]
+        self.unknown = unknown
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = merge_labels(d[key], self.mapping, self.unknown, name=source_name(d[key], str(key)))
+        return d

@@ -1,0 +1,76 @@
+import json
+import warnings
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from bundle_utils import configs, run, validate_metadata, workflow
+from scipy.ndimage import map_coordinates
+
+from custom.datasets.learn2reg import read_keypoints
+from custom.regions import load_merge_map
+from custom.synthetic.thorax import TOTALSEG_IDS, make_thorax
+from custom.transforms import MergeLabelsd
+
+CFG = configs("segreg_thorax")
+INFER, EVAL, MERGE = CFG / "inference.json", CFG / "evaluate.json", CFG / "totalsegmentator_to_segreg13.json"
+FAST = {"levels": [2, 1], "iterations": [3, 2], "num_workers": 0, "progress": False}
+
+
+@pytest.fixture(scope="module")
+def thorax(tmp_path_factory):
+    root = tmp_path_factory.mktemp("thorax")
+    return make_thorax(str(root), n_subjects=2, shape=(40, 32, 32), n_keypoints=30, seed=1).parent
+
+
+def test_metadata_properties_and_no_training_config(thorax):
+    meta = validate_metadata("segreg_thorax")
+    assert len(meta["labels"]) == 13 and meta["labels"]["7"] == "pulmonary_artery"
+    assert not (CFG / "train.json").exists()
+    for files in ([INFER], [INFER, EVAL]):
+        assert workflow(files, "infer", dataset_dir=str(thorax)).check_properties() == []
+
+
+def test_merge_map_covers_the_totalsegmentator_thorax_classes():
+    spec = load_merge_map(MERGE)
+    assert set(spec["regions"]) == set(range(13))
+    for name, i in TOTALSEG_IDS.items():  # every class the generator (and TotalSegmentator's thorax) uses
+        assert i in spec["map"], name
+    assert spec["map"][TOTALSEG_IDS["lung_lower_lobe_left"]] == 3 and spec["map"][TOTALSEG_IDS["rib_right_7"]] == 4
+    assert spec["map"][TOTALSEG_IDS["clavicula_left"]] == 10 and spec["map"][TOTALSEG_IDS["heart"]] == 12
+
+
+def test_unknown_labels_are_reported_with_the_file_name():
+    label = torch.zeros(1, 6, 6, 6)
+    label[0, 1:3, 1:3, 1:3] = TOTALSEG_IDS["aorta"]
+    label[0, 4:, 4:, 4:] = 5  # liver: not a thorax region
+    with pytest.warns(UserWarning, match=r"\[5\].*fixed_label"):
+        out = MergeLabelsd(["fixed_label"], str(MERGE))({"fixed_label": label})["fixed_label"]
+    assert set(torch.unique(out).tolist()) == {0, 1}
+    with pytest.raises(ValueError, match="merge map"):
+        MergeLabelsd(["fixed_label"], str(MERGE), unknown="error")({"fixed_label": label})
+
+
+@pytest.mark.parametrize("variant", ["segreg", "global"])
+def test_submission_folder_and_tre_match_the_learn2reg_convention(thorax, tmp_path, variant):
+    out = tmp_path / variant
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run([INFER, EVAL], "infer", dataset_dir=str(thorax), output_dir=str(out), variant=variant, **FAST)
+    names = sorted(p.name for p in (out / "submission").glob("*.nii.gz"))
+    assert names == ["disp_0001_0001_0001_0000.nii.gz", "disp_0001_0002_0001_0000.nii.gz"]
+    table = json.loads((out / "metrics.json").read_text())
+    for name in names:
+        disp = nib.load(out / "submission" / name).get_fdata()
+        assert disp.shape == (40, 32, 32, 3)
+        # Learn2Reg's evaluation: sample the displacement at the fixed keypoints, add, compare with the moving ones
+        m = name.split("_")[2]
+        fixed = read_keypoints(thorax / f"keypoints0{int(m)}Tr" / f"ThoraxCBCT_0001_{m}.csv")
+        moving = read_keypoints(thorax / f"keypoints0{int(m)}Tr" / "ThoraxCBCT_0001_0000.csv")
+        u = np.stack([map_coordinates(disp[..., i], fixed.T, order=1) for i in range(3)], 1)
+        spacing = np.linalg.norm(nib.load(out / "submission" / name).affine[:3, :3], axis=0)
+        tre = np.linalg.norm((fixed + u - moving) * spacing, axis=1).mean()
+        row = next(c for c in table["cases"] if c["pair"] == name[:-7])
+        assert row["tre_mm"] == pytest.approx(tre, rel=1e-4)
+    assert np.isfinite(table["summary"]["dice_mean"]["mean"]) and "sdlogj" in table["summary"]
