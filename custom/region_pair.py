@@ -11,6 +11,18 @@ from monai.transforms import MapTransform, Randomizable
 from custom.regions import normalised_edt, present_labels, source_name
 
 
+def check_pair(data: Mapping, keys: Sequence) -> None:
+    """Raise ``ValueError`` for a NaN image or an image/label shape mismatch (``keys`` = fixed, moving, labels)."""
+    kf, km, klf, klm = keys
+    for k in (kf, km):
+        if torch.isnan(torch.as_tensor(data[k])).any():
+            raise ValueError(f"image {source_name(data[k], k)} contains NaN; clean or re-export it before training.")
+    for side, kimg, klab in (("fixed", kf, klf), ("moving", km, klm)):
+        a, b = torch.as_tensor(data[kimg]).shape, torch.as_tensor(data[klab]).shape
+        if a[1:] != b[1:]:
+            raise ValueError(f"{side} image and label shapes differ: {tuple(a)} vs {tuple(b)}")
+
+
 class RandRegionPaird(Randomizable, MapTransform):
     """Pick one region present in both label maps and return the masked pair, the masks and their EDT maps.
 
@@ -72,13 +84,7 @@ class RandRegionPaird(Randomizable, MapTransform):
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
         d = dict(data)
         kf, km, klf, klm = self.keys
-        for k in (kf, km):
-            if torch.isnan(torch.as_tensor(d[k])).any():
-                raise ValueError(f"image {source_name(d[k], k)} contains NaN; clean or re-export it before training.")
-        if torch.as_tensor(d[kf]).shape[1:] != torch.as_tensor(d[klf]).shape[1:]:
-            raise ValueError(f"fixed image and label shapes differ: {tuple(d[kf].shape)} vs {tuple(d[klf].shape)}")
-        if torch.as_tensor(d[km]).shape[1:] != torch.as_tensor(d[klm]).shape[1:]:
-            raise ValueError(f"moving image and label shapes differ: {tuple(d[km].shape)} vs {tuple(d[klm].shape)}")
+        check_pair(d, self.keys)
         self.randomize(self.candidates(d[klf], d[klm]))
         p, r = self.prefix, self._region
         for side, kimg, klab in (("fixed", kf, klf), ("moving", km, klm)):
@@ -124,13 +130,9 @@ class GlobalRegiond(MapTransform):
         d = dict(data)
         kf, km, klf, klm = self.keys
         p = self.prefix
+        check_pair(d, self.keys)
         for side, kimg, klab in (("fixed", kf, klf), ("moving", km, klm)):
-            img = torch.as_tensor(d[kimg]).float()
-            if torch.isnan(img).any():
-                raise ValueError(f"image {source_name(d[kimg], kimg)} contains NaN; clean or re-export it.")
-            lab = torch.as_tensor(d[klab])
-            if img.shape[1:] != lab.shape[1:]:
-                raise ValueError(f"{side} image and label shapes differ: {tuple(img.shape)} vs {tuple(lab.shape)}")
+            img, lab = torch.as_tensor(d[kimg]).float(), torch.as_tensor(d[klab])
             mask = torch.cat([(lab == i).float() for i in self.label_ids])
             d[f"{p}{side}_region_mask"] = mask
             d[f"{p}{side}_region_image"] = img

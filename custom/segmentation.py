@@ -15,6 +15,9 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.transforms import ResampleToMatch
 from tqdm.auto import tqdm
 
 from custom.io import load_nifti, save_nifti
@@ -87,13 +90,12 @@ def segment_images(
 
 
 def resample_nearest(label: np.ndarray, affine: np.ndarray, shape, target_affine: np.ndarray) -> np.ndarray:
-    """Nearest-neighbour resampling of ``label`` (grid ``affine``) onto the grid ``(shape, target_affine)``."""
-    from scipy.ndimage import map_coordinates
-
-    idx = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), -1).reshape(-1, 3)
-    world = idx @ target_affine[:3, :3].T + target_affine[:3, 3]
-    src = (world - affine[:3, 3]) @ np.linalg.inv(affine[:3, :3]).T
-    return map_coordinates(label, src.T, order=0, mode="constant", cval=0).reshape(shape)
+    """Nearest-neighbour resampling of ``label`` (grid ``affine``) onto the grid ``(shape, target_affine)``
+    (MONAI ``ResampleToMatch``; voxels outside the source become 0)."""
+    src = MetaTensor(torch.as_tensor(np.asarray(label), dtype=torch.float32)[None], affine=torch.as_tensor(affine))
+    dst = MetaTensor(torch.zeros((1,) + tuple(shape)), affine=torch.as_tensor(target_affine))
+    out = ResampleToMatch(mode="nearest", padding_mode="zeros")(src, dst)
+    return np.asarray(out[0].as_tensor()).round().astype(np.int64)
 
 
 def with_automatic_labels(

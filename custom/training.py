@@ -39,11 +39,11 @@ class RegionPairBatch(PrepareBatch):
         p = self.prefix
         targets = {}
         for side in ("fixed", "moving"):
-            for src, dst in (("image", "image"), ("mask", "mask"), ("edt", "edt")):
-                key = f"{p}{side}_region_{src}"
+            for kind in ("image", "mask", "edt"):
+                key = f"{p}{side}_region_{kind}"
                 if key not in batchdata:
                     raise KeyError(f"batch has no {key!r}; put RandRegionPaird or GlobalRegiond in the preprocessing")
-                targets[f"{side}_{dst}"] = _to(batchdata[key], device, non_blocking)
+                targets[f"{side}_{kind}"] = _to(batchdata[key], device, non_blocking)
         inputs = torch.cat([targets["moving_image"], targets["fixed_image"]], dim=1)
         return inputs, targets
 

@@ -107,7 +107,7 @@ class RegistrationWriter:
 
     def write_pair(self, b: Mapping, o: Mapping) -> dict:
         """Write one pair's files; return its metric row."""
-        pred = o.get("pred", o) if isinstance(o.get("pred"), Mapping) else o
+        pred = o["pred"] if isinstance(o.get("pred"), Mapping) else o
         ddf = plain(pred["ddf"]).detach().float().cpu()[None]
         fixed = b["fixed_image"]
         affine = _affine(fixed)
