@@ -1,17 +1,30 @@
-"""Composition of per-region displacement fields into one field: ``u = sum_i w_i * u_i``."""
+"""Composition of per-region displacement fields into one field: ``u = sum_i w_i * u_i``.
+
+This is the one place where sub-fields are pasted back and composed; the trained inferer and the iterative solver
+both go through :meth:`FieldComposer.paste` (via :class:`custom.plan.RegionPlan`).
+"""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 from monai.networks.layers import GaussianFilter
 
 
+def whole_box(spatial: Sequence[int]) -> tuple[slice, ...]:
+    """The box that covers a whole grid of shape ``spatial``."""
+    return tuple(slice(0, int(s)) for s in spatial)
+
+
 class FieldComposer(torch.nn.Module):
     """Compose region sub-fields with fixed-space weights.
 
-    ``forward(fields, weights)``: ``fields`` ``(B, N, D, *S)`` (N region fields of D components), ``weights``
-    ``(B, N, *S)`` hard one-hot masks (S_f^i) or soft weights (probabilities). Returns ``(B, D, *S)``.
-    Differentiable in both arguments; no host round trip.
+    ``forward(fields, weights, boxes=None)``: ``weights`` ``(B, N, *S)`` are hard one-hot fixed masks (S_f^i) or soft
+    weights (probabilities). ``fields`` is either ``(B, N, D, *S)`` (every sub-field on the whole grid) or, with
+    ``boxes``, a sequence of N cropped sub-fields ``(B, D, *s_i)`` with ``boxes[i]`` the slices of the grid they
+    cover (what the region plan crops). Returns ``(B, D, *S)``; zero where no box reaches. Differentiable in fields
+    and weights; no host round trip.
 
     Args:
         sigma: if set, the weights are first smoothed with a Gaussian of this standard deviation (voxels), then
@@ -36,15 +49,41 @@ class FieldComposer(torch.nn.Module):
             w = w / w.sum(1, keepdim=True).clamp_min(self.eps)
         return w
 
-    def forward(self, fields: torch.Tensor, weights: torch.Tensor, prepared: bool = False) -> torch.Tensor:
-        if fields.ndim != weights.ndim + 1 or fields.shape[:2] != weights.shape[:2]:
-            raise ValueError(
-                f"fields must be (B, N, D, *S) and weights (B, N, *S); got {tuple(fields.shape)}, "
-                f"{tuple(weights.shape)}"
-            )
-        if fields.shape[3:] != weights.shape[2:]:
-            raise ValueError(
-                f"spatial shapes differ: fields {tuple(fields.shape[3:])}, weights {tuple(weights.shape[2:])}"
-            )
+    @staticmethod
+    def paste(out: torch.Tensor, field: torch.Tensor, weight: torch.Tensor, box: Sequence[slice]) -> torch.Tensor:
+        """Add ``weight[box] * field`` into ``out[box]`` in place and return ``out``.
+
+        ``out`` ``(B, D, *S)``, ``field`` ``(B, D, *s)`` with ``s`` the shape of ``box``, ``weight`` ``(B, 1, *S)``.
+        """
+        idx = (slice(None), slice(None)) + tuple(box)
+        if tuple(field.shape[2:]) != tuple(out[idx].shape[2:]):
+            raise ValueError(f"sub-field {tuple(field.shape)} does not fit its box {tuple(out[idx].shape)}")
+        out[idx] = out[idx] + weight[idx].to(field.dtype) * field
+        return out
+
+    def forward(
+        self,
+        fields: torch.Tensor | Sequence[torch.Tensor],
+        weights: torch.Tensor,
+        boxes: Sequence[Sequence[slice]] | None = None,
+        prepared: bool = False,
+    ) -> torch.Tensor:
+        spatial = tuple(weights.shape[2:])
+        if boxes is None:
+            if fields.ndim != weights.ndim + 1 or fields.shape[:2] != weights.shape[:2]:
+                raise ValueError(
+                    f"fields must be (B, N, D, *S) and weights (B, N, *S); got {tuple(fields.shape)}, "
+                    f"{tuple(weights.shape)}"
+                )
+            if tuple(fields.shape[3:]) != spatial:
+                raise ValueError(f"spatial shapes differ: fields {tuple(fields.shape[3:])}, weights {spatial}")
+            boxes = [whole_box(spatial)] * fields.shape[1]
+            fields = fields.unbind(1)
+        if len(fields) != weights.shape[1] or len(boxes) != len(fields):
+            raise ValueError(f"{len(fields)} fields, {len(boxes)} boxes and {weights.shape[1]} weight channels differ")
         w = weights if prepared else self.prepare_weights(weights)
-        return (fields * w.unsqueeze(2).to(fields.dtype)).sum(1)
+        first = fields[0]
+        out = first.new_zeros((first.shape[0], first.shape[1]) + spatial)
+        for i, (field, box) in enumerate(zip(fields, boxes)):
+            self.paste(out, field, w[:, i : i + 1], box)
+        return out

@@ -1,102 +1,120 @@
-"""Registration metrics as MONAI cumulative metrics and ignite handlers, for evaluator configs.
+"""Per-pair registration metrics as ignite metrics, for evaluator configs (key metric and additional metrics).
 
-Dice and HD95 use MONAI's own ``MeanDice`` / ``HausdorffDistance`` handlers on one-hot labels; this module adds
-what MONAI lacks: SDlogJ, % of non-positive Jacobian determinants and TRE, all reading the composed ``ddf``.
+They read the decollated evaluator output: ``ddf`` from the inferer (flattened out of ``pred``) and the references
+that ``custom.training.PairBatch`` hands on as the ``label`` dict (``fixed_reference``, ``moving_reference``,
+``fixed_keypoints``, ``moving_keypoints``), and use the same functions as the written table (``custom.evaluation``),
+so the logged key metric and ``metrics.csv`` agree. Values are averaged over pairs (NaN ignored); sums are
+all-reduced across ranks.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
+import numpy as np
 import torch
-from monai.handlers import IgniteMetricHandler, from_engine
-from monai.metrics import CumulativeIterationMetric
-from monai.metrics.utils import do_metric_reduction
+from ignite.metrics import Metric
+from ignite.metrics.metric import reinit__is_reduced, sync_all_reduce
 
-from custom.metrics import jacobian_stats, tre_mm
-
-
-class _PerCaseMetric(CumulativeIterationMetric):
-    """A metric with one value per case; ``aggregate()`` returns the mean over cases (NaN ignored)."""
-
-    def aggregate(self, reduction: str = "mean"):
-        data = self.get_buffer()
-        if not isinstance(data, torch.Tensor):
-            raise ValueError("no data accumulated yet")
-        value, _ = do_metric_reduction(data, reduction)
-        return value
+from custom.evaluation import nan_mean, references
+from custom.metrics import dice_per_label, jacobian_stats, tre_mm, warp_labels
+from custom.utils import plain
 
 
-class JacobianMetric(_PerCaseMetric):
-    """``y_pred`` = ddf ``(B, 3, X, Y, Z)``; ``stat`` = "sdlogj" or "neg_jac_percent" (see ``jacobian_stats``)."""
-
-    def __init__(self, stat: str = "sdlogj", det_offset: float = 0.0) -> None:
-        super().__init__()
-        if stat not in ("sdlogj", "neg_jac_percent", "neg_jac_count"):
-            raise ValueError(f"unknown Jacobian statistic {stat!r}")
-        self.stat, self.det_offset = stat, det_offset
-
-    def _compute_tensor(self, y_pred: torch.Tensor, y=None):
-        vals = [jacobian_stats(y_pred[b : b + 1], self.det_offset)[self.stat] for b in range(y_pred.shape[0])]
-        return torch.tensor(vals, dtype=torch.float32).view(-1, 1)
+def spacing_of(x, dims: int = 3) -> list[float]:
+    """Voxel size (mm) from a ``MetaTensor``'s affine; 1 mm per axis without one."""
+    affine = getattr(x, "affine", None)
+    if affine is None:
+        return [1.0] * dims
+    a = torch.as_tensor(affine).detach().cpu().double()
+    a = a[0] if a.ndim == 3 else a
+    return np.linalg.norm(a[:dims, :dims].numpy(), axis=0).tolist()
 
 
-class TREMetric(_PerCaseMetric):
-    """Mean TRE in mm per case. ``y_pred`` = ddf ``(B, 3, *S)``; ``y`` = keypoints ``(B, K, 6)`` (fixed xyz, moving
-    xyz, voxel coordinates); ``spacing`` = moving voxel size in mm."""
+def _batched(x) -> torch.Tensor:
+    """A decollated item ``(C, *S)`` -> ``(1, C, *S)`` float tensor."""
+    return plain(x).detach().float()[None]
 
-    def __init__(self, spacing: Sequence[float] = (1.0, 1.0, 1.0)) -> None:
-        super().__init__()
+
+class PerPairMetric(Metric):
+    """Base: one value per pair from an output item (``dict``), mean over pairs. Subclasses define ``pair_value``."""
+
+    def __init__(self, output_transform: Callable = lambda x: x, device: str | torch.device = "cpu") -> None:
+        super().__init__(output_transform=output_transform, device=device)
+
+    @reinit__is_reduced
+    def reset(self) -> None:
+        self._sum = torch.tensor(0.0, dtype=torch.float64, device=self._device)
+        self._count = torch.tensor(0, dtype=torch.long, device=self._device)
+
+    @reinit__is_reduced
+    def update(self, output) -> None:
+        items = [output] if isinstance(output, Mapping) else list(output)
+        for item in items:
+            value = float(self.pair_value(item))
+            if np.isfinite(value):
+                self._sum += value
+                self._count += 1
+
+    @sync_all_reduce("_sum", "_count")
+    def compute(self) -> float:
+        return float(self._sum / self._count) if self._count > 0 else float("nan")
+
+    def pair_value(self, item: Mapping) -> float:
+        raise NotImplementedError
+
+
+class RegistrationDice(PerPairMetric):
+    """Mean Dice (%) over ``labels`` (ids, 0 excluded) of the warped moving reference against the fixed reference."""
+
+    def __init__(self, labels: Mapping | Sequence, **kwargs) -> None:
+        super().__init__(**kwargs)
+        keys = labels.keys() if isinstance(labels, Mapping) else range(len(labels))
+        self.label_ids = [int(k) for k in keys if int(k) != 0]
+
+    def pair_value(self, item: Mapping) -> float:
+        refs = references(item)
+        ddf, fixed, moving = (
+            _batched(item["ddf"]),
+            _batched(refs["fixed_reference"]),
+            _batched(refs["moving_reference"]),
+        )
+        return nan_mean(dice_per_label(warp_labels(moving, ddf), fixed, self.label_ids, moving))
+
+
+class SDlogJ(PerPairMetric):
+    """Standard deviation of log det J (see ``custom.metrics.jacobian_stats``; ``border`` voxels dropped per axis)."""
+
+    stat = "sdlogj"
+
+    def __init__(self, det_offset: float = 0.0, border: int | Sequence[int] = 2, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.det_offset, self.border = det_offset, border
+
+    def pair_value(self, item: Mapping) -> float:
+        return jacobian_stats(_batched(item["ddf"]), self.det_offset, self.border)[self.stat]
+
+
+class NegJacobianPercent(SDlogJ):
+    """% of voxels with det J <= 0."""
+
+    stat = "neg_jac_percent"
+
+
+class TRE(PerPairMetric):
+    """Mean target registration error (mm) at the pair's keypoints (``fixed_keypoints``/``moving_keypoints``).
+
+    ``spacing`` (mm) defaults to the voxel size of ``fixed_reference``; pairs without keypoints are not counted.
+    """
+
+    def __init__(self, spacing: Sequence[float] | None = None, **kwargs) -> None:
+        super().__init__(**kwargs)
         self.spacing = spacing
 
-    def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor | None = None):
-        if y is None:
-            raise ValueError("TREMetric needs keypoints as y: (B, K, 6) = fixed xyz, moving xyz")
-        vals = [tre_mm(y_pred[b : b + 1], y[b, :, :3], y[b, :, 3:], self.spacing).mean() for b in range(len(y))]
-        return torch.stack(vals).view(-1, 1).cpu()
-
-
-class SDlogJ(IgniteMetricHandler):
-    """Ignite handler: mean SDlogJ over cases of ``engine.state.output[ddf_key]``."""
-
-    def __init__(
-        self,
-        ddf_key: str = "ddf",
-        det_offset: float = 0.0,
-        output_transform: Callable | None = None,
-        save_details: bool = True,
-    ) -> None:
-        super().__init__(
-            metric_fn=JacobianMetric("sdlogj", det_offset),
-            output_transform=output_transform or from_engine([ddf_key, ddf_key]),
-            save_details=save_details,
-        )
-
-
-class NegJacobianPercent(IgniteMetricHandler):
-    """Ignite handler: mean % of voxels with det J <= 0 over cases of ``engine.state.output[ddf_key]``."""
-
-    def __init__(self, ddf_key: str = "ddf", output_transform: Callable | None = None, save_details: bool = True):
-        super().__init__(
-            metric_fn=JacobianMetric("neg_jac_percent"),
-            output_transform=output_transform or from_engine([ddf_key, ddf_key]),
-            save_details=save_details,
-        )
-
-
-class TRE(IgniteMetricHandler):
-    """Ignite handler: mean TRE (mm) from ``engine.state.output[ddf_key]`` and ``[keypoints_key]`` (K, 6)."""
-
-    def __init__(
-        self,
-        spacing: Sequence[float] = (1.0, 1.0, 1.0),
-        ddf_key: str = "ddf",
-        keypoints_key: str = "keypoints",
-        output_transform: Callable | None = None,
-        save_details: bool = True,
-    ) -> None:
-        super().__init__(
-            metric_fn=TREMetric(spacing),
-            output_transform=output_transform or from_engine([ddf_key, keypoints_key]),
-            save_details=save_details,
-        )
+    def pair_value(self, item: Mapping) -> float:
+        refs = references(item)
+        if "fixed_keypoints" not in refs or "moving_keypoints" not in refs:
+            return float("nan")
+        spacing = self.spacing or spacing_of(refs["fixed_reference"])
+        ddf = _batched(item["ddf"])
+        return float(tre_mm(ddf, plain(refs["fixed_keypoints"]), plain(refs["moving_keypoints"]), spacing).mean())

@@ -1,9 +1,7 @@
-"""SegRegInferer: every region pair of a case through the backbone (cropped, batched), composed into one field."""
+"""SegRegInferer: the trained solver of the region plan (every region through the backbone, cropped, batched)."""
 
 from __future__ import annotations
 
-import math
-import warnings
 from collections.abc import Sequence
 
 import torch
@@ -12,70 +10,19 @@ from monai.networks.blocks import Warp
 
 from custom.composer import FieldComposer
 from custom.networks import VelocityToDisplacement
-from custom.regions import bounding_box, labels_to_regions, present_labels
-
-
-def plain(x: torch.Tensor) -> torch.Tensor:
-    """Drop MONAI metadata (``MetaTensor`` -> ``Tensor``) so arithmetic stays cheap."""
-    return x.as_tensor() if hasattr(x, "as_tensor") else torch.as_tensor(x)
-
-
-def select_regions(fixed_label, moving_label, region_ids: Sequence[int] | None = None) -> tuple[list[int], list[int]]:
-    """Regions to register (present in both label maps) and regions skipped (present in only one).
-
-    ``region_ids=None`` considers every id found in either map. Skipped regions are reported with a warning.
-    """
-    in_fixed, in_moving = set(present_labels(fixed_label)), set(present_labels(moving_label))
-    wanted = set(region_ids) if region_ids is not None else in_fixed | in_moving
-    used = sorted(wanted & in_fixed & in_moving)
-    skipped = sorted((wanted & (in_fixed | in_moving)) - set(used))
-    if skipped:
-        warnings.warn(
-            f"regions {skipped} are present in only one of the fixed/moving label maps and are skipped; "
-            "their voxels fall to the background region.",
-            stacklevel=2,
-        )
-    if not used:
-        raise ValueError("no region is present in both label maps; nothing to register.")
-    return used, skipped
-
-
-def composition_weights(fixed_label: torch.Tensor, regions: Sequence[int]) -> torch.Tensor:
-    """Fixed-space one-hot weights ``(1, N, *S)``; voxels of unregistered labels join region 0 if it is registered."""
-    w = labels_to_regions(fixed_label, regions)
-    if 0 in regions:
-        idx = list(regions).index(0)
-        w[:, idx] = w[:, idx] + (1.0 - w.sum(1)).clamp_min(0)
-    return w
-
-
-def crop_boxes(fixed_masks: torch.Tensor, moving_masks: torch.Tensor, margin: int, crop: bool) -> list:
-    """Per region, the box (slices) covering its fixed and moving masks plus ``margin``; whole grid if not ``crop``."""
-    spatial = fixed_masks.shape[2:]
-    boxes = []
-    for i in range(fixed_masks.shape[1]):
-        if not crop:
-            boxes.append(tuple(slice(0, s) for s in spatial))
-            continue
-        union = torch.maximum(fixed_masks[0, i], moving_masks[0, i])
-        boxes.append(bounding_box(union, margin))
-    return boxes
-
-
-def padded_shape(shapes: Sequence[Sequence[int]], divisor: int) -> tuple[int, ...]:
-    """Smallest shape that holds every shape in ``shapes`` and is a multiple of ``divisor`` on each axis."""
-    return tuple(int(math.ceil(max(s[d] for s in shapes) / divisor) * divisor) for d in range(len(shapes[0])))
+from custom.plan import RegionPlan, padded_shape
+from custom.utils import plain
 
 
 class SegRegInferer(Inferer):
     """Register a pair region by region with one shared backbone and compose the sub-fields.
 
-    For each region present in both label maps: crop the bounding box of its fixed and moving masks plus
-    ``margin``, mask the images (I_m * S_m^i, I_f * S_f^i), run up to ``max_batch`` regions at once through the
-    network (each batch zero-padded to a multiple of ``divisor``), integrate the velocity (``num_steps`` scaling and
-    squaring steps, 0 = the network predicts displacements), paste the sub-field back and compose
-    ``u = sum_i w_i u_i`` with the fixed masks (smoothed by ``sigma`` if given). Then warp the moving image
-    (bilinear) and label map (nearest).
+    The pair's :class:`~custom.plan.RegionPlan` gives the regions present in both label maps, their boxes (fixed and
+    moving masks plus ``margin``) and masks. Up to ``max_batch`` masked crops (I_m * S_m^i, I_f * S_f^i) go through
+    the network at once (each batch zero-padded to a multiple of ``divisor``); the velocity is integrated
+    (``num_steps`` scaling and squaring steps, 0 = the network predicts displacements) and the plan composes
+    ``u = sum_i w_i u_i`` with the fixed masks (smoothed by ``sigma`` if given). Then the moving image (bilinear) and
+    label map (nearest) are warped.
 
     ``__call__(inputs, network, fixed_label, moving_label)``: ``inputs`` ``(B, 2, *S)`` = ``cat([moving, fixed])``,
     label maps ``(B, 1, *S)``. Returns ``{"ddf": (B, D, *S) voxels, "warped_image": (B, 1, *S),
@@ -141,35 +88,36 @@ class SegRegInferer(Inferer):
             "warped_label": self.warp_label(moving_label.float(), ddf),
         }
 
+    def plan(self, fixed_label, moving_label) -> RegionPlan:
+        return RegionPlan.build(
+            fixed_label,
+            moving_label,
+            region_ids=self.region_ids,
+            margin=self.margin,
+            crop=self.crop,
+            global_region=self.global_region,
+            composer=self.composer,
+        )
+
     def register_one(self, pair: torch.Tensor, network, fixed_label, moving_label) -> torch.Tensor:
         """Composed ddf ``(1, D, *S)`` for one case."""
-        spatial = pair.shape[2:]
-        if self.global_region:
-            fixed_masks = moving_masks = weights = pair.new_ones((1, 1) + tuple(spatial), dtype=torch.float32)
-            regions = [-1]
-        else:
-            regions, _ = select_regions(fixed_label, moving_label, self.region_ids)
-            fixed_masks = labels_to_regions(fixed_label, regions)
-            moving_masks = labels_to_regions(moving_label, regions)
-            weights = self.composer.prepare_weights(composition_weights(fixed_label, regions))
-        boxes = crop_boxes(fixed_masks, moving_masks, self.margin, self.crop and not self.global_region)
-        order = sorted(range(len(regions)), key=lambda i: math.prod(s.stop - s.start for s in boxes[i]))
-        ddf = pair.new_zeros((1, len(spatial)) + tuple(spatial), dtype=torch.float32)
+        plan = self.plan(fixed_label, moving_label)
+        moving, fixed = pair[:, :1], pair[:, 1:]
+        ddf = plan.new_field()
+        order = plan.order_by_size()
         for start in range(0, len(order), self.max_batch):
             chunk = order[start : start + self.max_batch]
-            shapes = [[s.stop - s.start for s in boxes[i]] for i in chunk]
+            shapes = [plan.box_shape(i) for i in chunk]
             target = padded_shape(shapes, self.divisor)
             batch = pair.new_zeros((len(chunk), 2) + target, dtype=torch.float32)
             for j, i in enumerate(chunk):
-                box = (slice(None), slice(None)) + boxes[i]
-                dst = (j, slice(None)) + tuple(slice(0, n) for n in shapes[j])
-                masks = torch.cat([moving_masks[:, i : i + 1], fixed_masks[:, i : i + 1]], 1)
-                batch[dst] = (pair[box] * masks[box])[0]
+                dst = tuple(slice(0, n) for n in shapes[j])
+                batch[(j, slice(0, 1)) + dst] = plan.masked_image("moving", moving, i)[0]
+                batch[(j, slice(1, 2)) + dst] = plan.masked_image("fixed", fixed, i)[0]
             with torch.autocast(device_type=pair.device.type, enabled=self.amp):
                 velocity = network(batch)
             sub = self.integrate(velocity)
             for j, i in enumerate(chunk):
-                box = (slice(None), slice(None)) + boxes[i]
                 src = (slice(j, j + 1), slice(None)) + tuple(slice(0, n) for n in shapes[j])
-                ddf[box] += weights[:, i : i + 1][box] * sub[src]
+                plan.paste(ddf, i, sub[src])
         return ddf

@@ -2,22 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from monai.inferers import Inferer
-from monai.losses import LocalNormalizedCrossCorrelationLoss
+from monai.losses import DiceLoss
 from monai.networks.blocks import Warp
 from tqdm.auto import tqdm
 
-from custom.composer import FieldComposer
-from custom.inferer import composition_weights, crop_boxes, plain, select_regions
 from custom.losses import RegionDiffusionLoss, SegRegLoss
 from custom.mind import MINDSSCLoss
 from custom.networks import VelocityToDisplacement
-from custom.regions import labels_to_regions, normalised_edt, present_labels
+from custom.plan import RegionPlan
+from custom.regions import normalised_edt
+from custom.utils import plain
 
 
 @dataclass
@@ -32,6 +32,16 @@ class RegionTask:
     moving_edt: torch.Tensor | None
     reg_mask: torch.Tensor | None
     use_similarity: bool = True
+
+
+def default_loss() -> SegRegLoss:
+    """MIND-SSC + Dice + L2 diffusion within regions, weights 1 : 1 : 1 (the iterative defaults)."""
+    return SegRegLoss(
+        similarity=MINDSSCLoss(),
+        mask=DiceLoss(include_background=True),
+        regulariser=RegionDiffusionLoss(),
+        weights={"sim": 1.0, "mask": 1.0, "reg": 1.0},
+    )
 
 
 def resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
@@ -51,21 +61,21 @@ def resize_field(u: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
 
 
 class IterativeSegReg:
-    """Register one pair without a network: per region, optimise a displacement (or velocity) field with Adam.
+    """Register one pair without a network: the iterative solver of the region plan.
 
-    Each region present in both label maps is cropped (its fixed and moving masks plus ``margin``) and registered
-    on the masked pair (I_m * S_m^i, I_f * S_f^i) with ``weights["sim"] * similarity + weights["mask"] * mask loss +
-    weights["reg"] * L2 diffusion within S_f^i``, coarse to fine over ``levels`` (downsampling factors). The fields
-    are then pasted back and composed with the fixed masks. ``global_region=True`` gives the like-for-like baseline:
-    one field over the whole image, multi-label Dice on all labels, global regulariser, same optimiser.
+    Each region of the pair's :class:`~custom.plan.RegionPlan` (present in both label maps, cropped to its fixed and
+    moving masks plus ``margin``) gets its own displacement (or velocity) field, optimised with Adam on the masked
+    pair (I_m * S_m^i, I_f * S_f^i) by ``loss`` (:class:`~custom.losses.SegRegLoss`: similarity + mask loss +
+    regulariser, the regulariser restricted to S_f^i), coarse to fine over ``levels`` (downsampling factors). The
+    plan then composes the fields with the fixed masks. ``global_region=True`` gives the like-for-like baseline:
+    one field over the whole image, the mask loss on all labels, a global regulariser, the same optimiser.
 
     ``__call__(fixed, moving, fixed_label, moving_label)``: images and label maps ``(1, 1, *S)`` on one device.
     Returns ``{"ddf": (1, D, *S) voxels, "warped_image", "warped_label"}``.
 
     Args:
-        similarity: "mind" (MIND-SSC), "ncc" (MONAI LNCC) or "mse".
-        mask_loss: "dice", "edt" or "edt_dice" (``(Dice + edt_scale * EDT) / 2``).
-        weights: ``{"sim", "mask", "reg"}`` loss weights.
+        loss: the :class:`~custom.losses.SegRegLoss` (default :func:`default_loss`: MIND-SSC + Dice + L2 within
+            regions, 1 : 1 : 1). Configs build it with ``_target_``, as training does.
         levels: downsampling factors, coarse to fine, e.g. ``(4, 2, 1)``.
         iterations: Adam steps per level (one number for all levels, or one per level).
         lr: Adam learning rate at the start of each level (cosine decay to 5 % within the level).
@@ -86,9 +96,7 @@ class IterativeSegReg:
 
     def __init__(
         self,
-        similarity: str = "mind",
-        mask_loss: str = "dice",
-        weights: Mapping[str, float] | None = None,
+        loss: SegRegLoss | None = None,
         levels: Sequence[int] = (2, 1),
         iterations: int | Sequence[int] = (100, 50),
         lr: float = 0.1,
@@ -99,82 +107,53 @@ class IterativeSegReg:
         fov_value: float | None = None,
         field: str = "displacement",
         num_steps: int = 7,
-        mind_radius: int = 1,
-        mind_dilation: int = 2,
-        ncc_kernel_size: int = 7,
-        edt_scale: float = 100.0,
         region_ids: Sequence[int] | None = None,
         global_region: bool = False,
         progress: bool = True,
     ) -> None:
         if field not in ("displacement", "velocity"):
             raise ValueError(f"field must be 'displacement' or 'velocity', got {field!r}")
-        if mask_loss not in ("dice", "edt", "edt_dice"):
-            raise ValueError(f"mask_loss must be 'dice', 'edt' or 'edt_dice', got {mask_loss!r}")
+        if loss is not None and not isinstance(loss, SegRegLoss):
+            raise TypeError(f"loss must be a custom.losses.SegRegLoss, got {type(loss).__name__}")
         self.levels = [int(f) for f in levels]
         its = [int(iterations)] * len(self.levels) if isinstance(iterations, int) else [int(i) for i in iterations]
         if len(its) != len(self.levels):
             raise ValueError(f"iterations ({its}) must give one count per level ({self.levels})")
         self.iterations = its
-        w = {"sim": 1.0, "mask": 1.0, "reg": 1.0}
-        w.update(weights or {})
-        self.weights = {k: float(v) for k, v in w.items()}
+        self.loss = loss if loss is not None else default_loss()
         self.grid_spacing = max(1, int(grid_spacing))
         self.min_size = max(2, int(min_size))
         self.min_region_voxels = int(min_region_voxels)
         self.fov_value = fov_value
-        self.lr, self.margin, self.mask_loss = lr, margin, mask_loss
+        self.lr, self.margin = lr, margin
         self.region_ids = None if region_ids is None else [int(r) for r in region_ids]
         self.global_region, self.progress = global_region, progress
         self.integrate = VelocityToDisplacement(num_steps if field == "velocity" else 0)
-        self.similarity_name = similarity
-        self.sim_kwargs = {
-            "mind_radius": mind_radius,
-            "mind_dilation": mind_dilation,
-            "ncc_kernel_size": ncc_kernel_size,
-        }
-        self.mask_losses = SegRegLoss(mask_loss=mask_loss, edt_scale=edt_scale)
-        self.reg = RegionDiffusionLoss()
-        self.composer = FieldComposer()
         self.warp = Warp(mode="bilinear", padding_mode="zeros")
         self.warp_image = Warp(mode="bilinear", padding_mode="border")
         self.warp_label = Warp(mode="nearest", padding_mode="border")
 
-    def similarity(self, spatial_dims: int):
-        kw = self.sim_kwargs
-        if self.similarity_name == "mind":
-            return MINDSSCLoss(radius=kw["mind_radius"], dilation=kw["mind_dilation"])
-        if self.similarity_name == "ncc":
-            return LocalNormalizedCrossCorrelationLoss(spatial_dims=spatial_dims, kernel_size=kw["ncc_kernel_size"])
-        if self.similarity_name == "mse":
-            return torch.nn.MSELoss()
-        raise ValueError(f"similarity must be 'mind', 'ncc' or 'mse', got {self.similarity_name!r}")
-
     # ----------------------------------------------------------------------------------------------------------
-    def tasks(self, fixed, moving, fixed_label, moving_label):
-        """(regions, composition weights, crop boxes, RegionTasks) for one pair."""
-        need_edt = self.mask_loss != "dice"
-        if self.global_region:
-            labels = [v for v in sorted(set(present_labels(fixed_label)) | set(present_labels(moving_label))) if v]
-            fm, mm = labels_to_regions(fixed_label, labels), labels_to_regions(moving_label, labels)
-            box = tuple(slice(0, s) for s in fixed.shape[2:])
-            task = RegionTask(fixed, moving, fm, mm, *self._edts(fm, mm, need_edt), None)
-            return [0], torch.ones_like(fixed), [box], [task]
-        regions, _ = select_regions(fixed_label, moving_label, self.region_ids)
-        fmasks, mmasks = labels_to_regions(fixed_label, regions), labels_to_regions(moving_label, regions)
-        weights = composition_weights(fixed_label, regions)
-        boxes = crop_boxes(fmasks, mmasks, self.margin, crop=True)
+    def plan(self, fixed_label, moving_label) -> RegionPlan:
+        return RegionPlan.build(
+            fixed_label, moving_label, self.region_ids, self.margin, global_region=self.global_region
+        )
+
+    def tasks(self, plan: RegionPlan, fixed, moving) -> list[RegionTask]:
+        """One :class:`RegionTask` per region of ``plan`` (cropped masked images, masks, EDT maps)."""
         tasks = []
-        for i, box in enumerate(boxes):
-            sl = (slice(None), slice(i, i + 1)) + box
-            fm, mm = fmasks[sl], mmasks[sl]
-            img = (slice(None), slice(None)) + box
+        for i in range(len(plan)):
+            fm, mm = plan.mask("fixed", i), plan.mask("moving", i)
+            fi, mi = plan.masked_image("fixed", fixed, i), plan.masked_image("moving", moving, i)
+            fe, me = self._edts(fm, mm, self.loss.needs_edt)
+            if plan.is_global:
+                tasks.append(RegionTask(fi, mi, fm, mm, fe, me, None))
+                continue
             inside = True
             if self.fov_value is not None:
-                inside = bool((fixed[img][fm > 0] > self.fov_value).float().mean() >= 0.5)
-            edts = self._edts(fm, mm, need_edt)
-            tasks.append(RegionTask(fixed[img] * fm, moving[img] * mm, fm, mm, *edts, fm, inside))
-        return regions, weights, boxes, tasks
+                inside = bool((plan.crop(fixed, i)[fm > 0] > self.fov_value).float().mean() >= 0.5)
+            tasks.append(RegionTask(fi, mi, fm, mm, fe, me, fm, inside))
+        return tasks
 
     @staticmethod
     def _edts(fixed_masks, moving_masks, needed: bool):
@@ -182,16 +161,17 @@ class IterativeSegReg:
             return None, None
         return tuple(normalised_edt(m[0].cpu())[None].to(m.device) for m in (fixed_masks, moving_masks))
 
-    def mask_term(self, u: torch.Tensor, fm, mm, fe, me) -> torch.Tensor:
-        """Mask loss of the moving masks / EDT maps warped by ``u`` (only what ``mask_loss`` needs is warped)."""
-        warped_mask = self.warp(mm, u) if self.mask_loss != "edt" else None
-        warped_edt = self.warp(me, u) if self.mask_loss != "dice" else None
-        return self.mask_losses.mask_term(warped_mask, fm, warped_edt, fe)
+    def objective(self, u: torch.Tensor, fi, mi, fm, mm, fe, me, rm, use_similarity: bool) -> torch.Tensor:
+        """The loss of field ``u`` (only the maps the mask loss needs are warped)."""
+        warped_mask = self.warp(mm, u) if self.loss.needs_mask else None
+        warped_edt = self.warp(me, u) if self.loss.needs_edt else None
+        warped = self.warp(mi, u) if use_similarity else None
+        out = self.loss(warped, fi, warped_mask, fm, u, warped_edt, fe, regions=rm, use_similarity=use_similarity)
+        return out["loss"]
 
     def optimise(self, task: RegionTask, bar=None) -> torch.Tensor:
         """Displacement ``(1, D, *s)`` for one task, coarse to fine."""
         full = task.fixed.shape[2:]
-        sim_fn = self.similarity(len(full))
         param = None
         for factor, n_it in zip(self.levels, self.iterations):
             size = [max(-(-s // factor), min(s, self.min_size)) for s in full]
@@ -213,10 +193,7 @@ class IterativeSegReg:
             for _ in range(n_it):
                 opt.zero_grad(set_to_none=True)
                 u = self.integrate(resize_field(param, size))
-                loss = self.weights["mask"] * self.mask_term(u, fm, mm, fe, me)
-                if task.use_similarity:
-                    loss = loss + self.weights["sim"] * sim_fn(self.warp(mi, u), fi)
-                loss = loss + self.weights["reg"] * self.reg(u, rm)
+                loss = self.objective(u, fi, mi, fm, mm, fe, me, rm, task.use_similarity)
                 if loss.item() < best[0]:  # keep the best iterate: Adam's normalised steps can oscillate at the end
                     best = (loss.item(), param.detach().clone())
                 loss.backward()
@@ -230,7 +207,6 @@ class IterativeSegReg:
 
     def __call__(self, fixed, moving, fixed_label, moving_label) -> dict:
         fixed, moving = plain(fixed).float(), plain(moving).float()
-        fixed_label, moving_label = plain(fixed_label), plain(moving_label)
         for name, t in (("fixed", fixed), ("moving", moving)):
             if torch.isnan(t).any():
                 raise ValueError(f"the {name} image contains NaN; clean it before registration.")
@@ -239,18 +215,19 @@ class IterativeSegReg:
                 "IterativeSegReg expects fixed, moving and both label maps as (1, 1, *S) on one grid; got "
                 f"{[tuple(t.shape) for t in (fixed, moving, fixed_label, moving_label)]}. Resample them first."
             )
-        regions, weights, boxes, tasks = self.tasks(fixed, moving, fixed_label, moving_label)
-        total = len(tasks) * sum(self.iterations)
-        bar = tqdm(total=total, desc="IterativeSegReg", disable=not self.progress, leave=False)
-        ddf = fixed.new_zeros((1, fixed.ndim - 2) + tuple(fixed.shape[2:]))
+        plan = self.plan(fixed_label, moving_label)
+        tasks = self.tasks(plan, fixed, moving)
+        bar = tqdm(
+            total=len(tasks) * sum(self.iterations), desc="IterativeSegReg", disable=not self.progress, leave=False
+        )
+        ddf = plan.new_field()
         try:
-            for i, (box, task) in enumerate(zip(boxes, tasks)):
-                bar.set_postfix(region=regions[i])
-                sub = self.optimise(task, bar)
-                idx = (slice(None), slice(None)) + box
-                ddf[idx] += weights[:, i : i + 1][idx] * sub
+            for i, task in enumerate(tasks):
+                bar.set_postfix(region=plan.regions[i])
+                plan.paste(ddf, i, self.optimise(task, bar))
         finally:
             bar.close()
+        moving_label = plain(moving_label)
         return {
             "ddf": ddf,
             "warped_image": self.warp_image(moving, ddf),

@@ -1,27 +1,67 @@
-"""SegReg losses: EDT mask loss, region-wise diffusion regulariser and the combined training loss."""
+"""SegReg losses: EDT mask losses, the region-wise diffusion regulariser and the combined loss.
+
+:class:`SegRegLoss` takes its three terms as loss modules (built by configs with ``_target_``), so any similarity
+(MSE, MONAI LNCC, :class:`~custom.mind.MINDSSCLoss`, ...) or mask loss (MONAI ``DiceLoss``, :class:`EDTLoss`,
+:class:`EDTDiceLoss`, ...) plugs in. A mask loss states what it compares through its ``inputs`` attribute:
+``("mask",)`` (the default, e.g. MONAI ``DiceLoss``), ``("edt",)`` or ``("mask", "edt")``.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
 import torch
-from monai.losses import DiceLoss, DiffusionLoss, LocalNormalizedCrossCorrelationLoss
+from monai.losses import DiceLoss
+from monai.utils import LossReduction
 from torch.nn.modules.loss import _Loss
 
-from custom.mind import MINDSSCLoss
+from custom.utils import reduce
+
+
+def mask_inputs(loss: torch.nn.Module) -> tuple[str, ...]:
+    """What a mask loss compares: ``("mask",)``, ``("edt",)`` or ``("mask", "edt")`` (its ``inputs`` attribute)."""
+    inputs = tuple(getattr(loss, "inputs", ("mask",)))
+    if not inputs or set(inputs) - {"mask", "edt"}:
+        raise ValueError(f"{type(loss).__name__}.inputs must name 'mask' and/or 'edt', got {inputs}")
+    return inputs
 
 
 class EDTLoss(_Loss):
     """MSE between the warped moving and the fixed region EDT maps (each normalised to 0..1 inside its region).
 
     ``forward(pred, target)``: ``pred`` the moving EDT map warped with the predicted field, ``target`` the fixed
-    EDT map, both ``(B, 1, *S)`` (see ``custom.regions.normalised_edt``). 0 for identical maps.
+    EDT map, both ``(B, C, *S)`` (see ``custom.regions.normalised_edt``). 0 for identical maps.
+    ``reduction="none"`` returns the squared error ``(B, C, *S)``.
     """
+
+    inputs = ("edt",)
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if pred.shape != target.shape:
             raise ValueError(f"EDT maps differ in shape: {tuple(pred.shape)} vs {tuple(target.shape)}")
-        return torch.mean((pred - target) ** 2)
+        return reduce((pred - target) ** 2, self.reduction)
+
+
+class EDTDiceLoss(_Loss):
+    """The paper's combined mask loss ``(Dice + edt_scale * EDT) / 2``.
+
+    ``forward(pred_mask, target_mask, pred_edt, target_edt)``, all ``(B, C, *S)``. ``dice`` defaults to MONAI
+    ``DiceLoss(include_background=True)``; ``edt_scale`` is 100 in the paper. Reduction: "mean" or "sum" (of both
+    terms, each reduced the same way).
+    """
+
+    inputs = ("mask", "edt")
+
+    def __init__(self, edt_scale: float = 100.0, dice: torch.nn.Module | None = None, reduction: str = "mean"):
+        super().__init__(reduction=LossReduction(reduction).value)
+        if self.reduction == LossReduction.NONE.value:
+            raise ValueError("EDTDiceLoss sums two terms of different shapes; use reduction 'mean' or 'sum'")
+        self.edt_scale = float(edt_scale)
+        self.dice = dice if dice is not None else DiceLoss(include_background=True, reduction=self.reduction)
+        self.edt = EDTLoss(reduction=self.reduction)
+
+    def forward(self, pred_mask, target_mask, pred_edt, target_edt) -> torch.Tensor:
+        return 0.5 * (self.dice(pred_mask, target_mask) + self.edt_scale * self.edt(pred_edt, target_edt))
 
 
 class RegionDiffusionLoss(_Loss):
@@ -29,91 +69,109 @@ class RegionDiffusionLoss(_Loss):
 
     ``forward(ddf, regions=None)``: ``ddf`` ``(B, D, *S)``; ``regions`` ``(B, N, *S)`` one-hot (or soft) fixed-space
     masks. The forward difference between voxels x and x+e_k is weighted by ``w = sum_i S_i(x) S_i(x+e_k)`` (1 when
-    both lie in the same region, 0 across a border). Result: sum over axes k of the weighted mean
+    both lie in the same region, 0 across a border). Per case: sum over axes k of the weighted mean
     ``sum(w * mean_c (u_c(x+e_k) - u_c(x))^2) / sum(w)``, so the scale does not depend on the region's size.
-    With ``regions=None`` every pair counts (plain global diffusion).
+    With ``regions=None`` every pair counts (plain global diffusion). ``reduction``: "mean" / "sum" over the batch,
+    "none" gives ``(B,)``.
     """
 
     def forward(self, ddf: torch.Tensor, regions: torch.Tensor | None = None) -> torch.Tensor:
         spatial = ddf.ndim - 2
         if regions is not None and (regions.shape[0] != ddf.shape[0] or regions.shape[2:] != ddf.shape[2:]):
             raise ValueError(f"regions {tuple(regions.shape)} do not match ddf {tuple(ddf.shape)}")
-        total = ddf.new_zeros(())
+        total = ddf.new_zeros((ddf.shape[0],))
         for axis in range(2, 2 + spatial):
             n = ddf.shape[axis]
             if n < 2:
                 continue
             diff = ddf.narrow(axis, 1, n - 1) - ddf.narrow(axis, 0, n - 1)
-            sq = (diff * diff).mean(1, keepdim=True)
+            sq = (diff * diff).mean(1, keepdim=True).flatten(1)
             if regions is None:
-                total = total + sq.mean()
+                total = total + sq.mean(1)
                 continue
-            w = (regions.narrow(axis, 1, n - 1) * regions.narrow(axis, 0, n - 1)).sum(1, keepdim=True).to(sq.dtype)
-            total = total + (sq * w).sum() / w.sum().clamp_min(1.0)
-        return total
+            w = (regions.narrow(axis, 1, n - 1) * regions.narrow(axis, 0, n - 1)).sum(1, keepdim=True)
+            w = w.flatten(1).to(sq.dtype)
+            total = total + (sq * w).sum(1) / w.sum(1).clamp_min(1.0)
+        return reduce(total, self.reduction)
 
 
 class SegRegLoss(torch.nn.Module):
-    """Training loss ``g0 * L_sim + g1 * L_mask + g2 * L_reg`` for one region pair.
+    """``g0 * L_sim + g1 * L_mask + g2 * L_reg`` for one region pair (training) or one region (iterative).
 
     Args:
-        similarity: "mse", "ncc" (MONAI LNCC) or "mind" (MIND-SSC).
-        mask_loss: "dice" (MONAI DiceLoss), "edt" (:class:`EDTLoss`) or "edt_dice" (``(Dice + edt_scale * EDT) / 2``).
-        weights: ``{"sim": g0, "mask": g1, "reg": g2}``.
-        ncc_kernel_size, mind_radius, mind_dilation: similarity settings.
-        edt_scale: weight of the EDT term inside "edt_dice" (100 in the paper).
+        similarity: image loss module, ``(warped, fixed) -> scalar`` (e.g. ``torch.nn.MSELoss``, MONAI
+            ``LocalNormalizedCrossCorrelationLoss``, ``custom.mind.MINDSSCLoss``).
+        mask: mask loss module; what it compares is given by its ``inputs`` (see :func:`mask_inputs`), e.g. MONAI
+            ``DiceLoss``, :class:`EDTLoss`, :class:`EDTDiceLoss`.
+        regulariser: field regulariser, ``(ddf) -> scalar`` (MONAI ``DiffusionLoss``) or ``(ddf, regions)``
+            (:class:`RegionDiffusionLoss`, called with the fixed masks where the caller gives them).
+        weights: ``{"sim": g0, "mask": g1, "reg": g2}``; defaults 1 : 0.1 : 0.01.
 
-    ``forward(warped, fixed, warped_mask, fixed_mask, ddf, warped_edt=None, fixed_edt=None)`` with images and
-    masks ``(B, 1, *S)`` and ``ddf`` ``(B, D, *S)`` returns a dict of scalars: ``loss`` (total), ``sim``, ``mask``,
-    ``reg``.
+    ``forward(warped, fixed, warped_mask, fixed_mask, ddf, warped_edt=None, fixed_edt=None, regions=None)`` with
+    images ``(B, 1, *S)``, masks / EDT maps ``(B, C, *S)`` and ``ddf`` ``(B, D, *S)`` returns a dict of scalars:
+    ``loss`` (total), ``sim``, ``mask``, ``reg``. ``use_similarity=False`` drops the image term (a region outside
+    the fixed field of view).
     """
 
-    SIMILARITIES = ("mse", "ncc", "mind")
-    MASK_LOSSES = ("dice", "edt", "edt_dice")
+    DEFAULT_WEIGHTS = {"sim": 1.0, "mask": 0.1, "reg": 0.01}
 
     def __init__(
         self,
-        similarity: str = "mse",
-        mask_loss: str = "dice",
+        similarity: torch.nn.Module,
+        mask: torch.nn.Module,
+        regulariser: torch.nn.Module | None = None,
         weights: Mapping[str, float] | None = None,
-        spatial_dims: int = 3,
-        ncc_kernel_size: int = 9,
-        mind_radius: int = 1,
-        mind_dilation: int = 2,
-        edt_scale: float = 100.0,
     ) -> None:
         super().__init__()
-        if similarity not in self.SIMILARITIES:
-            raise ValueError(f"similarity must be one of {self.SIMILARITIES}, got {similarity!r}")
-        if mask_loss not in self.MASK_LOSSES:
-            raise ValueError(f"mask_loss must be one of {self.MASK_LOSSES}, got {mask_loss!r}")
-        w = {"sim": 1.0, "mask": 0.1, "reg": 0.01}
+        for name, mod in (("similarity", similarity), ("mask", mask)):
+            if not callable(mod) or isinstance(mod, str):
+                raise TypeError(f"SegRegLoss {name} must be a loss module (config: a '_target_' entry), got {mod!r}")
+        unknown = set(weights or {}) - set(self.DEFAULT_WEIGHTS)
+        if unknown:
+            raise ValueError(f"unknown loss weights {sorted(unknown)}; use 'sim', 'mask' and 'reg'")
+        w = dict(self.DEFAULT_WEIGHTS)
         w.update(weights or {})
         self.weights = {k: float(v) for k, v in w.items()}
-        self.mask_loss = mask_loss
-        if similarity == "mse":
-            self.sim = torch.nn.MSELoss()
-        elif similarity == "ncc":
-            self.sim = LocalNormalizedCrossCorrelationLoss(spatial_dims=spatial_dims, kernel_size=ncc_kernel_size)
-        else:
-            self.sim = MINDSSCLoss(radius=mind_radius, dilation=mind_dilation)
-        self.dice = DiceLoss(include_background=True, reduction="mean")
-        self.edt = EDTLoss()
-        self.edt_scale = edt_scale
-        self.reg = DiffusionLoss()
+        self.sim, self.mask = similarity, mask
+        self.reg = regulariser if regulariser is not None else RegionDiffusionLoss()
+        self.mask_inputs = mask_inputs(mask)
+
+    @property
+    def needs_edt(self) -> bool:
+        return "edt" in self.mask_inputs
+
+    @property
+    def needs_mask(self) -> bool:
+        return "mask" in self.mask_inputs
 
     def mask_term(self, warped_mask, fixed_mask, warped_edt=None, fixed_edt=None) -> torch.Tensor:
-        if self.mask_loss != "dice" and (warped_edt is None or fixed_edt is None):
-            raise ValueError(f"mask_loss={self.mask_loss!r} needs warped_edt and fixed_edt")
-        if self.mask_loss == "dice":
-            return self.dice(warped_mask, fixed_mask)
-        if self.mask_loss == "edt":
-            return self.edt(warped_edt, fixed_edt)
-        return 0.5 * (self.dice(warped_mask, fixed_mask) + self.edt_scale * self.edt(warped_edt, fixed_edt))
+        args = []
+        for kind in self.mask_inputs:
+            pred, target = (warped_mask, fixed_mask) if kind == "mask" else (warped_edt, fixed_edt)
+            if pred is None or target is None:
+                raise ValueError(f"{type(self.mask).__name__} needs warped and fixed {kind} maps")
+            args += [pred, target]
+        return self.mask(*args)
 
-    def forward(self, warped, fixed, warped_mask, fixed_mask, ddf, warped_edt=None, fixed_edt=None) -> dict:
-        sim = self.sim(warped, fixed)
+    def reg_term(self, ddf: torch.Tensor, regions: torch.Tensor | None = None) -> torch.Tensor:
+        if regions is None or not isinstance(self.reg, RegionDiffusionLoss):
+            return self.reg(ddf)
+        return self.reg(ddf, regions)
+
+    def forward(
+        self,
+        warped,
+        fixed,
+        warped_mask,
+        fixed_mask,
+        ddf,
+        warped_edt=None,
+        fixed_edt=None,
+        regions=None,
+        use_similarity: bool = True,
+    ) -> dict:
+        sim = self.sim(warped, fixed) if use_similarity else ddf.new_zeros(())
         mask = self.mask_term(warped_mask, fixed_mask, warped_edt, fixed_edt)
-        reg = self.reg(ddf)
+        reg = self.reg_term(ddf, regions)
         total = self.weights["sim"] * sim + self.weights["mask"] * mask + self.weights["reg"] * reg
         return {"loss": total, "sim": sim.detach(), "mask": mask.detach(), "reg": reg.detach()}

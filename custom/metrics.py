@@ -1,8 +1,9 @@
 """Registration metrics as plain functions (torch, CPU or CUDA): Dice %, HD95 mm, Jacobian / SDlogJ, TRE mm.
 
-Conventions follow Learn2Reg's evaluation: a label absent from the fixed or the moving map scores NaN; the Jacobian
-uses central differences ([-0.5, 0, 0.5], zero outside the grid) of the displacement plus identity and drops a
-2-voxel border.
+Conventions follow Learn2Reg's evaluation (and are listed in ``custom.evaluation.CONVENTIONS``): a label absent from
+the fixed or the moving map scores NaN; HD95 is the larger of the two directed 95th-percentile surface distances; the
+Jacobian uses central differences of the displacement plus identity and, by default, drops a 2-voxel border on every
+axis (configurable per axis: 0 on the through-plane axis of thick-slice data keeps all slices).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from monai.metrics import compute_dice, compute_hausdorff_distance
+from monai.networks.blocks import Warp
 
 from custom.regions import labels_to_regions
 
@@ -54,25 +56,31 @@ def hd95_per_label(warped_label, fixed_label, label_ids: Sequence[int], spacing=
     return hd
 
 
-def jacobian_determinant(ddf: torch.Tensor) -> torch.Tensor:
-    """det J of ``x + u(x)`` for ``ddf`` ``(B, 3, X, Y, Z)`` (voxels) -> ``(B, X-4, Y-4, Z-4)``.
+def _border(border: int | Sequence[int], dims: int = 3) -> list[int]:
+    out = [int(border)] * dims if isinstance(border, (int, float)) else [int(b) for b in border]
+    if len(out) != dims or min(out) < 0:
+        raise ValueError(f"border must be one non-negative int or one per axis ({dims}), got {border}")
+    return out
 
-    Central differences with zero padding, 2-voxel border dropped, as Learn2Reg's evaluation computes it.
+
+def jacobian_determinant(ddf: torch.Tensor, border: int | Sequence[int] = 2) -> torch.Tensor:
+    """det J of ``x + u(x)`` for ``ddf`` ``(B, 3, X, Y, Z)`` (voxels) -> ``(B, X-2bx, Y-2by, Z-2bz)``.
+
+    Central differences inside the grid (one-sided at its faces, as ``numpy.gradient``); ``border`` voxels are
+    dropped per axis (one int for all axes or one per axis). ``border=2`` is what Learn2Reg's evaluation computes;
+    use 0 on the through-plane axis of thick-slice data (16 cine-MR slices would otherwise lose 4).
     Always float32, outside autocast.
     """
     if ddf.ndim != 5 or ddf.shape[1] != 3:
         raise ValueError(f"jacobian_determinant expects a 3D ddf (B, 3, X, Y, Z), got {tuple(ddf.shape)}")
+    b = _border(border)
+    if any(n - 2 * k < 1 for n, k in zip(ddf.shape[2:], b)):
+        raise ValueError(f"border {b} leaves nothing of a grid of shape {tuple(ddf.shape[2:])}")
     u = ddf.float()
-    padded = F.pad(u, (1, 1, 1, 1, 1, 1))
-    grads = []  # grads[k][:, c] = d u_c / d x_k
-    for k in range(3):
-        hi = [slice(None), slice(None)] + [slice(1, -1)] * 3
-        lo = list(hi)
-        hi[2 + k] = slice(2, None)
-        lo[2 + k] = slice(0, -2)
-        grads.append(0.5 * (padded[tuple(hi)] - padded[tuple(lo)]))
-    j = [[grads[k][:, c] + (1.0 if c == k else 0.0) for c in range(3)] for k in range(3)]
-    j = [[a[:, 2:-2, 2:-2, 2:-2] for a in row] for row in j]
+    # grads[k][:, c] = d u_c / d x_k
+    grads = [torch.gradient(u, dim=2 + k)[0] if u.shape[2 + k] > 1 else torch.zeros_like(u) for k in range(3)]
+    crop = (slice(None),) + tuple(slice(k, n - k) for k, n in zip(b, u.shape[2:]))
+    j = [[grads[k][:, c][crop] + (1.0 if c == k else 0.0) for c in range(3)] for k in range(3)]
     return (
         j[0][0] * (j[1][1] * j[2][2] - j[1][2] * j[2][1])
         - j[1][0] * (j[0][1] * j[2][2] - j[0][2] * j[2][1])
@@ -80,14 +88,15 @@ def jacobian_determinant(ddf: torch.Tensor) -> torch.Tensor:
     )
 
 
-def jacobian_stats(ddf: torch.Tensor, det_offset: float = 0.0) -> dict:
+def jacobian_stats(ddf: torch.Tensor, det_offset: float = 0.0, border: int | Sequence[int] = 2) -> dict:
     """SDlogJ and folding of ``ddf`` ``(1, 3, X, Y, Z)``.
 
     Returns ``{"sdlogj", "neg_jac_count", "neg_jac_percent"}``: std of log(clip(det J + det_offset, 1e-9, 1e9)) and
-    the count / % of voxels with det J <= 0. ``det_offset=3`` reproduces the +3 that Learn2Reg's published
-    evaluation script (v2) adds before the clip; the default 0 is the textbook SDlogJ.
+    the count / % of voxels with det J <= 0, over the grid less ``border`` voxels per axis. ``det_offset=3``
+    reproduces the +3 that Learn2Reg's published evaluation script (v2) adds before the clip; the default 0 is the
+    textbook SDlogJ.
     """
-    det = jacobian_determinant(ddf)
+    det = jacobian_determinant(ddf, border)
     log_det = torch.log((det + det_offset).clamp(1e-9, 1e9))
     neg = (det <= 0).sum()
     return {
@@ -95,6 +104,12 @@ def jacobian_stats(ddf: torch.Tensor, det_offset: float = 0.0) -> dict:
         "neg_jac_count": int(neg),
         "neg_jac_percent": float(neg) * 100.0 / det.numel(),
     }
+
+
+def warp_labels(label: torch.Tensor, ddf: torch.Tensor) -> torch.Tensor:
+    """Label map ``(1, 1, *S)`` warped by ``ddf`` ``(1, D, *S)`` with nearest neighbour (border clamp): the one warp
+    every label metric uses."""
+    return Warp(mode="nearest", padding_mode="border")(label.float(), ddf.float())
 
 
 def sample_field(ddf: torch.Tensor, points: torch.Tensor) -> torch.Tensor:

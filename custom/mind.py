@@ -6,7 +6,10 @@ import itertools
 
 import torch
 import torch.nn.functional as F
+from monai.utils import LossReduction
 from torch.nn.modules.loss import _Loss
+
+from custom.utils import reduce
 
 
 def ssc_offset_pairs(spatial_dims: int = 3) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
@@ -20,14 +23,18 @@ def ssc_offset_pairs(spatial_dims: int = 3) -> list[tuple[tuple[int, ...], tuple
     return [(p, q) for p, q in itertools.combinations(neighbours, 2) if sum((a - b) ** 2 for a, b in zip(p, q)) == 2]
 
 
-def _pair_difference_kernel(spatial_dims: int, device, dtype) -> torch.Tensor:
-    """Conv kernel ``(P, 1, 3, ..., 3)`` whose output channel k is I(x + p_k) - I(x + q_k) (before dilation)."""
-    pairs = ssc_offset_pairs(spatial_dims)
-    kernel = torch.zeros((len(pairs), 1) + (3,) * spatial_dims, device=device, dtype=dtype)
-    for k, (p, q) in enumerate(pairs):
-        kernel[(k, 0) + tuple(c + 1 for c in p)] += 1.0
-        kernel[(k, 0) + tuple(c + 1 for c in q)] -= 1.0
-    return kernel
+def _pair_differences(padded: torch.Tensor, shape, dilation: int) -> torch.Tensor:
+    """``(B, P, *S)`` with channel k = I(x + d p_k) - I(x + d q_k), read from ``padded`` (``I`` padded by ``d``).
+
+    Plain shifted slices, so the differences are exact on every device (a convolution would run in TF32 on
+    recent GPUs and lose about 3 decimal digits).
+    """
+    out = []
+    for p, q in ssc_offset_pairs(len(shape)):
+        a = tuple(slice(dilation * (1 + c), dilation * (1 + c) + n) for c, n in zip(p, shape))
+        b = tuple(slice(dilation * (1 + c), dilation * (1 + c) + n) for c, n in zip(q, shape))
+        out.append(padded[(slice(None), slice(None)) + a] - padded[(slice(None), slice(None)) + b])
+    return torch.cat(out, 1)
 
 
 def mind_ssc(image: torch.Tensor, radius: int = 1, dilation: int = 2, eps_ratio: float = 1e-3) -> torch.Tensor:
@@ -45,12 +52,10 @@ def mind_ssc(image: torch.Tensor, radius: int = 1, dilation: int = 2, eps_ratio:
     if image.ndim not in (4, 5) or image.shape[1] != 1:
         raise ValueError(f"mind_ssc expects (B, 1, H, W[, D]), got {tuple(image.shape)}")
     spatial = image.ndim - 2
-    conv = F.conv3d if spatial == 3 else F.conv2d
     pool = F.avg_pool3d if spatial == 3 else F.avg_pool2d
     image = image.float()
-    kernel = _pair_difference_kernel(spatial, image.device, image.dtype)
     padded = F.pad(image, (dilation,) * (2 * spatial), mode="replicate")
-    diff = conv(padded, kernel, dilation=dilation)
+    diff = _pair_differences(padded, image.shape[2:], dilation)
     ssd = pool(F.pad(diff * diff, (radius,) * (2 * spatial), mode="replicate"), 2 * radius + 1, stride=1)
     mind = ssd - ssd.amin(1, keepdim=True)
     var = mind.mean(1, keepdim=True)
@@ -63,14 +68,15 @@ class MINDSSCLoss(_Loss):
     """Mean squared difference of MIND-SSC descriptors: ``forward(pred, target)``, both ``(B, 1, *S)``.
 
     Modality independent (used for FBCT -> CBCT). ``radius``/``dilation`` as in :func:`mind_ssc`.
+    ``reduction="none"`` returns the squared descriptor differences ``(B, P, *S)``.
     """
 
-    def __init__(self, radius: int = 1, dilation: int = 2) -> None:
-        super().__init__()
+    def __init__(self, radius: int = 1, dilation: int = 2, reduction: str = "mean") -> None:
+        super().__init__(reduction=LossReduction(reduction).value)
         self.radius = radius
         self.dilation = dilation
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         a = mind_ssc(pred, self.radius, self.dilation)
         b = mind_ssc(target, self.radius, self.dilation)
-        return torch.mean((a - b) ** 2)
+        return reduce((a - b) ** 2, self.reduction)

@@ -43,7 +43,7 @@ class VelocityToDisplacement(torch.nn.Module):
     """Scaling and squaring of a stationary velocity field (MONAI ``DVF2DDF``), always in float32.
 
     ``(B, D, *S)`` velocity in voxels -> ``(B, D, *S)`` displacement in voxels. ``num_steps=0`` returns the input
-    (the backbone output is then used as a displacement directly). Integration never runs under AMP (DESIGN.md).
+    (the backbone output is then used as a displacement directly). Integration never runs under AMP (docs/design.md).
     """
 
     def __init__(self, num_steps: int = 7) -> None:

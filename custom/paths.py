@@ -1,4 +1,4 @@
-"""Path helpers for bundle configs: locate a bundle's root, check required files with a helpful message."""
+"""Path helpers for bundle configs: locate a bundle's root from any working directory."""
 
 from __future__ import annotations
 
@@ -20,10 +20,3 @@ def bundle_root(name: str) -> str:
         if meta.is_file() and (cand.name == name or '"' + name + '"' in meta.read_text()):
             return str(cand)
     return os.getcwd()
-
-
-def require_file(path: str, hint: str) -> str:
-    """``path`` if it is a file, else ``FileNotFoundError`` with ``hint`` (what to run or which id to set)."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"{path} not found: {hint}")
-    return path

@@ -1,4 +1,4 @@
-"""Random region-pair transform for SegReg training: one region present in both images per call."""
+"""Training samplers of the region plan: one random region pair per sample, or the baseline's global region."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform, Randomizable
 
+from custom.plan import RegionPlan
 from custom.regions import normalised_edt, present_labels, source_name
 
 
@@ -23,8 +24,40 @@ def check_pair(data: Mapping, keys: Sequence) -> None:
             raise ValueError(f"{side} image and label shapes differ: {tuple(a)} vs {tuple(b)}")
 
 
-class RandRegionPaird(Randomizable, MapTransform):
-    """Pick one region present in both label maps and return the masked pair, the masks and their EDT maps.
+class _PlanSampler(MapTransform):
+    """Shared body: build the pair's plan, pick a region, write its masked images, masks and EDT maps."""
+
+    def __init__(self, keys: KeysCollection, edt_spacing=None, prefix: str = "") -> None:
+        MapTransform.__init__(self, keys)
+        if len(self.keys) != 4:
+            raise ValueError(
+                f"{type(self).__name__} needs 4 keys (fixed_image, moving_image, fixed_label, moving_label)."
+            )
+        self.edt_spacing, self.prefix = edt_spacing, prefix
+
+    def plan(self, fixed_label, moving_label) -> RegionPlan:
+        raise NotImplementedError
+
+    def pick(self, plan: RegionPlan) -> int:
+        return 0
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        d = dict(data)
+        kf, km, klf, klm = self.keys
+        check_pair(d, self.keys)
+        plan = self.plan(d[klf][None], d[klm][None])
+        i, p = self.pick(plan), self.prefix
+        for side, kimg in (("fixed", kf), ("moving", km)):
+            mask = plan.mask(side, i, crop=False)[0]
+            d[f"{p}{side}_region_mask"] = mask
+            d[f"{p}{side}_region_image"] = plan.masked_image(side, torch.as_tensor(d[kimg])[None], i, crop=False)[0]
+            d[f"{p}{side}_region_edt"] = normalised_edt(mask, sampling=self.edt_spacing)
+        d[f"{p}region_id"] = plan.regions[i]
+        return d
+
+
+class RandRegionPaird(Randomizable, _PlanSampler):
+    """Pick one region of the pair's :class:`~custom.plan.RegionPlan` and return the masked pair, masks and EDT maps.
 
     Input keys (channel-first, unbatched): ``keys = (fixed_image, moving_image, fixed_label, moving_label)``,
     images ``(1, *S)``, label maps ``(1, *S)`` with integer ids, region 0 = background.
@@ -49,56 +82,36 @@ class RandRegionPaird(Randomizable, MapTransform):
         edt_spacing=None,
         prefix: str = "",
     ) -> None:
-        MapTransform.__init__(self, keys)
-        if len(self.keys) != 4:
-            raise ValueError("RandRegionPaird needs 4 keys (fixed_image, moving_image, fixed_label, moving_label).")
+        _PlanSampler.__init__(self, keys, edt_spacing, prefix)
         self.region_ids = None if region_ids is None else [int(r) for r in region_ids]
         self.include_background = include_background
-        self.edt_spacing = edt_spacing
-        self.prefix = prefix
-        self._region = 0
 
-    def candidates(self, fixed_label, moving_label) -> list[int]:
-        """Region ids present in both label maps (and allowed by ``region_ids``/``include_background``)."""
+    def plan(self, fixed_label, moving_label) -> RegionPlan:
         for lab in (fixed_label, moving_label):
             if all(v == 0 for v in present_labels(lab)):
                 raise ValueError(
                     f"label map {source_name(lab)} is empty (background only): SegReg needs at least one region. "
                     "Check the file, or use the global (baseline) variant for unlabelled images."
                 )
-        common = set(present_labels(fixed_label)) & set(present_labels(moving_label))
-        if self.region_ids is not None:
-            common &= set(self.region_ids)
-        if not self.include_background:
-            common.discard(0)
-        if not common:
-            raise ValueError(
-                f"no region is present in both {source_name(fixed_label)} and {source_name(moving_label)} "
-                f"(allowed ids {self.region_ids})."
-            )
-        return sorted(common)
+        return RegionPlan.build(
+            fixed_label,
+            moving_label,
+            region_ids=self.region_ids,
+            crop=False,
+            include_background=self.include_background,
+            warn=False,
+        )
 
-    def randomize(self, data: Sequence[int]) -> None:
-        self._region = int(data[self.R.randint(len(data))])
+    def randomize(self, data: int) -> None:
+        self._index = int(self.R.randint(data))
 
-    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
-        d = dict(data)
-        kf, km, klf, klm = self.keys
-        check_pair(d, self.keys)
-        self.randomize(self.candidates(d[klf], d[klm]))
-        p, r = self.prefix, self._region
-        for side, kimg, klab in (("fixed", kf, klf), ("moving", km, klm)):
-            mask = (torch.as_tensor(d[klab]) == r).float()
-            img = torch.as_tensor(d[kimg]).float()
-            d[f"{p}{side}_region_mask"] = mask
-            d[f"{p}{side}_region_image"] = img * mask
-            d[f"{p}{side}_region_edt"] = normalised_edt(mask, sampling=self.edt_spacing)
-        d[f"{p}region_id"] = r
-        return d
+    def pick(self, plan: RegionPlan) -> int:
+        self.randomize(len(plan))
+        return self._index
 
 
-class GlobalRegiond(MapTransform):
-    """The baseline's "region pair": the whole images, with every foreground label one-hot as the mask.
+class GlobalRegiond(_PlanSampler):
+    """The baseline's "region pair": the plan's global region (whole images, foreground labels one-hot as masks).
 
     Writes the same keys as :class:`RandRegionPaird` so the same loss and trainer serve both variants (plain
     weakly-supervised VoxelMorph): ``*_region_image`` = the image, ``*_region_mask`` ``(L, *S)`` one-hot of
@@ -118,24 +131,10 @@ class GlobalRegiond(MapTransform):
         edt_spacing=None,
         prefix: str = "",
     ) -> None:
-        MapTransform.__init__(self, keys)
-        if len(self.keys) != 4:
-            raise ValueError("GlobalRegiond needs 4 keys (fixed_image, moving_image, fixed_label, moving_label).")
+        _PlanSampler.__init__(self, keys, edt_spacing, prefix)
         if not label_ids:
             raise ValueError("GlobalRegiond needs at least one foreground label id")
         self.label_ids = [int(i) for i in label_ids]
-        self.edt_spacing, self.prefix = edt_spacing, prefix
 
-    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
-        d = dict(data)
-        kf, km, klf, klm = self.keys
-        p = self.prefix
-        check_pair(d, self.keys)
-        for side, kimg, klab in (("fixed", kf, klf), ("moving", km, klm)):
-            img, lab = torch.as_tensor(d[kimg]).float(), torch.as_tensor(d[klab])
-            mask = torch.cat([(lab == i).float() for i in self.label_ids])
-            d[f"{p}{side}_region_mask"] = mask
-            d[f"{p}{side}_region_image"] = img
-            d[f"{p}{side}_region_edt"] = normalised_edt(mask, sampling=self.edt_spacing)
-        d[f"{p}region_id"] = -1
-        return d
+    def plan(self, fixed_label, moving_label) -> RegionPlan:
+        return RegionPlan.build(fixed_label, moving_label, global_region=True, label_ids=self.label_ids)

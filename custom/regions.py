@@ -1,6 +1,6 @@
 """Region handling: label maps -> one-hot region stacks, merge maps, bounding boxes and normalised EDT maps.
 
-Conventions (see DESIGN.md): label maps are channel-first ``(1, X, Y, Z)`` (or batched ``(B, 1, X, Y, Z)``),
+Conventions (see docs/design.md): label maps are channel-first ``(1, X, Y, Z)`` (or batched ``(B, 1, X, Y, Z)``),
 region 0 is the background, region stacks are ``(B, N, X, Y, Z)`` one-hot in the order of ``region_ids``.
 """
 

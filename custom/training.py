@@ -2,8 +2,8 @@
 
 ``SupervisedTrainer`` calls ``loss_function(pred, targets)``; :class:`RegionPairBatch` hands the trainer the
 backbone input and a ``targets`` dict, and :class:`RegionPairLoss` turns the predicted velocity into a warp and
-evaluates :class:`~custom.losses.SegRegLoss`. :class:`PairBatch` feeds whole pairs plus label maps to
-``SegRegInferer`` in a ``SupervisedEvaluator``.
+evaluates :class:`~custom.losses.SegRegLoss`. :class:`PairBatch` feeds whole pairs plus label maps to the inferers
+in a ``SupervisedEvaluator`` and hands the evaluation references (label maps to score, keypoints) on as targets.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import torch
 from monai.engines import PrepareBatch
 from monai.networks.blocks import Warp
 
-from custom.inferer import plain
 from custom.losses import SegRegLoss
 from custom.networks import VelocityToDisplacement
+from custom.utils import plain
 
 TARGET_KEYS = ("fixed_image", "moving_image", "fixed_mask", "moving_mask", "fixed_edt", "moving_edt")
 
@@ -49,10 +49,16 @@ class RegionPairBatch(PrepareBatch):
 
 
 class PairBatch(PrepareBatch):
-    """Evaluator batch: ``(cat([moving, fixed], 1), fixed_label, (), {"fixed_label", "moving_label"})``.
+    """Evaluator batch: ``(cat([moving, fixed], 1), references, (), {"fixed_label", "moving_label"})``.
 
-    The label maps ``(B, 1, *S)`` reach :class:`~custom.inferer.SegRegInferer` as keyword arguments; the fixed
-    label is also the evaluator's ``label`` (``CommonKeys.LABEL``) for MONAI's metric handlers.
+    The label maps ``(B, 1, *S)`` that drive the registration reach the inferer as keyword arguments. The evaluator's
+    ``label`` is a dict of references, the one thing every metric and the written table score against
+    (``custom.evaluation.references`` reads it):
+
+    - ``fixed_reference`` / ``moving_reference``: the ground truth (``fixed_gt``/``moving_gt``) where the batch has it
+      (automatic segmentations drive the registration), else the registration's own label maps; they keep their
+      MONAI metadata (affine, file name);
+    - ``fixed_keypoints`` / ``moving_keypoints`` ``(B, K, 3)`` where the batch has them (``LoadKeypointsd``).
     """
 
     def __init__(
@@ -61,8 +67,11 @@ class PairBatch(PrepareBatch):
         moving_image: str = "moving_image",
         fixed_label: str = "fixed_label",
         moving_label: str = "moving_label",
+        fixed_gt: str = "fixed_gt",
+        moving_gt: str = "moving_gt",
     ) -> None:
         self.keys = (fixed_image, moving_image, fixed_label, moving_label)
+        self.gt_keys = (fixed_gt, moving_gt)
 
     def __call__(self, batchdata: Mapping, device=None, non_blocking: bool = False, **kwargs):
         missing = [k for k in self.keys if k not in batchdata]
@@ -70,7 +79,19 @@ class PairBatch(PrepareBatch):
             raise KeyError(f"batch has no {missing}; the preprocessing must load {list(self.keys)}")
         fixed, moving, fl, ml = (_to(batchdata[k], device, non_blocking) for k in self.keys)
         inputs = torch.cat([moving, fixed], dim=1)
-        return inputs, fl, (), {"fixed_label": fl, "moving_label": ml}
+        has_gt = all(k in batchdata for k in self.gt_keys)
+        if has_gt and not all(isinstance(batchdata[k], torch.Tensor) for k in self.gt_keys):
+            raise TypeError(f"{list(self.gt_keys)} are in the batch but not loaded; add them to the LoadImaged keys")
+        ref_keys = self.gt_keys if has_gt else self.keys[2:]
+        refs = {
+            f"{side}_reference": batchdata[k].to(device=device, non_blocking=non_blocking)
+            for side, k in zip(("fixed", "moving"), ref_keys)
+        }
+        for side in ("fixed", "moving"):
+            key = f"{side}_keypoints"
+            if key in batchdata:
+                refs[key] = _to(batchdata[key], device, non_blocking)
+        return inputs, refs, (), {"fixed_label": fl, "moving_label": ml}
 
 
 class RegionPairLoss(torch.nn.Module):
@@ -78,15 +99,17 @@ class RegionPairLoss(torch.nn.Module):
 
     ``velocity`` ``(B, D, *S)`` (backbone output, voxels) is integrated by scaling and squaring (``num_steps``,
     float32, outside autocast); the moving masked image (bilinear), mask and EDT maps are warped with it and
-    compared with the fixed ones. The last components (``sim``, ``mask``, ``reg``) are kept in ``self.last`` for
-    logging. Other keyword arguments go to :class:`~custom.losses.SegRegLoss`.
+    compared with the fixed ones by ``loss`` (:class:`~custom.losses.SegRegLoss`, built in the config with
+    ``_target_``). The last components (``sim``, ``mask``, ``reg``) are kept in ``self.last`` for logging.
     """
 
-    def __init__(self, num_steps: int = 7, **loss_kwargs) -> None:
+    def __init__(self, loss: SegRegLoss, num_steps: int = 7) -> None:
         super().__init__()
+        if not isinstance(loss, SegRegLoss):
+            raise TypeError(f"RegionPairLoss needs a custom.losses.SegRegLoss, got {type(loss).__name__}")
         self.integrate = VelocityToDisplacement(num_steps)
         self.warp = Warp(mode="bilinear", padding_mode="border")
-        self.loss = SegRegLoss(**loss_kwargs)
+        self.loss = loss
         self.last: dict = {}
 
     def forward(self, velocity: torch.Tensor, targets: Mapping) -> torch.Tensor:
@@ -95,8 +118,8 @@ class RegionPairLoss(torch.nn.Module):
         ddf = self.integrate(velocity)
         with torch.autocast(device_type=ddf.device.type, enabled=False):
             warped = self.warp(targets["moving_image"].float(), ddf)
-            warped_mask = self.warp(targets["moving_mask"].float(), ddf)
-            warped_edt = self.warp(targets["moving_edt"].float(), ddf)
+            warped_mask = self.warp(targets["moving_mask"].float(), ddf) if self.loss.needs_mask else None
+            warped_edt = self.warp(targets["moving_edt"].float(), ddf) if self.loss.needs_edt else None
             out = self.loss(
                 warped,
                 targets["fixed_image"].float(),
@@ -117,10 +140,3 @@ def loss_components(loss: RegionPairLoss):
         return dict(loss.last) if loss.last else None
 
     return _transform
-
-
-def pick_variant(variants: Mapping, name: str) -> Mapping:
-    """The settings of variant ``name`` from a config's ``variants`` dict, with a clear error for unknown names."""
-    if name not in variants:
-        raise ValueError(f"unknown variant {name!r}; choose one of {sorted(variants)} (config id 'variant')")
-    return variants[name]

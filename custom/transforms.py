@@ -1,12 +1,15 @@
-"""Dictionary transforms for label maps: merge source classes into the bundle's regions."""
+"""Dictionary transforms: merge label classes into the bundle's regions, load keypoint files."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Hashable, Mapping
 
+import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
 
+from custom.datasets.learn2reg import read_keypoints
 from custom.regions import load_merge_map, merge_labels, source_name
 
 
@@ -28,4 +31,22 @@ class MergeLabelsd(MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             d[key] = merge_labels(d[key], self.mapping, self.unknown, name=source_name(d[key], str(key)))
+        return d
+
+
+class LoadKeypointsd(MapTransform):
+    """Read keypoint files (Learn2Reg CSV, one ``x,y,z`` voxel coordinate per row) into ``(K, 3)`` float tensors.
+
+    The keypoints then travel with the batch to the metrics (``custom.training.PairBatch`` -> ``custom.handlers.TRE``
+    and the writer's table). Keys missing from a record are skipped (``allow_missing_keys``, default True).
+    """
+
+    def __init__(self, keys: KeysCollection = ("fixed_keypoints", "moving_keypoints"), allow_missing_keys=True):
+        super().__init__(keys, allow_missing_keys)
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            if isinstance(d[key], (str, os.PathLike)):
+                d[key] = torch.as_tensor(read_keypoints(d[key]))
         return d

@@ -8,13 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from monai.networks.blocks import Warp
 
-from custom.datasets.learn2reg import read_keypoints
-from custom.evaluation import pair_metrics, write_table
+from custom.evaluation import pair_metrics, references, write_table
 from custom.figures import registration_figure
-from custom.inferer import plain
 from custom.io import learn2reg_disp_name, save_displacement, save_nifti
+from custom.utils import plain
 
 logger = logging.getLogger(__name__)
 
@@ -42,10 +40,12 @@ def label_names(labels: Mapping | Sequence[str]) -> dict[int, str]:
 class RegistrationWriter:
     """Ignite handler for evaluators: per pair a displacement file, the warped image and label, one metric row.
 
-    Reads the decollated ``engine.state.output`` (``ddf``, ``warped_image``, ``warped_label``, either flat or under
-    ``pred``) and ``engine.state.batch`` (``fixed_image``/``moving_image`` with their metadata and the label maps).
-    Metrics use ``fixed_gt``/``moving_gt`` when the batch has them (ground truth while automatic segmentations
-    drive the registration), else the label maps the registration used. Files (written atomically):
+    Reads the decollated ``engine.state.output``: ``ddf``, ``warped_image``, ``warped_label`` (from the inferer) and the
+    references of ``custom.training.PairBatch`` (``fixed_reference``, ``moving_reference``, keypoints), flat or under
+    ``pred`` / ``label``; and ``engine.state.batch`` for the file names and the fixed image's affine. Metrics come
+    from :func:`custom.evaluation.pair_metrics`, the same path as the evaluator's key metric: the moving reference
+    (ground truth where it exists) warped with the displacement, against the fixed reference. Files (written
+    atomically):
 
     - ``<output_dir>/submission/disp_<fixed>_<moving>.nii.gz`` (``naming="learn2reg"``) or
       ``<output_dir>/displacements/<pair>.nii.gz`` (``naming="pair"``): ``(X, Y, Z, 3)`` voxels, fixed grid;
@@ -58,8 +58,9 @@ class RegistrationWriter:
         table_name: file stem of the metrics table.
         naming: "pair" or "learn2reg" displacement names.
         save_warped: also write the warped image and label.
-        keypoints: compute TRE where the batch has ``fixed_keypoints``/``moving_keypoints`` files.
+        keypoints: compute TRE where the output has ``fixed_keypoints``/``moving_keypoints``.
         save_figures: also write ``<output_dir>/figures/<pair>.png`` (fixed / moving / warped / grid / det J).
+        jacobian_border: voxels dropped per axis for SDlogJ and % det J <= 0 (one int or one per axis).
     """
 
     def __init__(
@@ -71,6 +72,7 @@ class RegistrationWriter:
         save_warped: bool = True,
         keypoints: bool = True,
         save_figures: bool = False,
+        jacobian_border: int | Sequence[int] = 2,
     ) -> None:
         if naming not in ("pair", "learn2reg"):
             raise ValueError(f"naming must be 'pair' or 'learn2reg', got {naming!r}")
@@ -78,7 +80,7 @@ class RegistrationWriter:
         self.labels = label_names(labels)
         self.table_name, self.naming, self.save_warped, self.keypoints = table_name, naming, save_warped, keypoints
         self.save_figures = save_figures
-        self.warp_label = Warp(mode="nearest", padding_mode="border")
+        self.jacobian_border = jacobian_border if isinstance(jacobian_border, int) else list(jacobian_border)
         self.rows: list[dict] = []
         self.summary: dict = {}
 
@@ -108,6 +110,11 @@ class RegistrationWriter:
     def write_pair(self, b: Mapping, o: Mapping) -> dict:
         """Write one pair's files; return its metric row."""
         pred = o["pred"] if isinstance(o.get("pred"), Mapping) else o
+        refs = references(o)
+        fl, ml = (plain(refs[k]).detach().float().cpu()[None] for k in ("fixed_reference", "moving_reference"))
+        kp = None
+        if self.keypoints and "fixed_keypoints" in refs and "moving_keypoints" in refs:
+            kp = tuple(plain(refs[k]).detach().cpu() for k in ("fixed_keypoints", "moving_keypoints"))
         ddf = plain(pred["ddf"]).detach().float().cpu()[None]
         fixed = b["fixed_image"]
         affine = _affine(fixed)
@@ -132,16 +139,8 @@ class RegistrationWriter:
         if self.save_figures:
             images = [plain(x).detach().float().cpu()[None] for x in (fixed, b["moving_image"], pred["warped_image"])]
             registration_figure(*images, ddf, self.output_dir / "figures" / f"{name}.png", title=name)
-        if "fixed_gt" in b and "moving_gt" in b:
-            fl, ml = (plain(b[k]).detach().float().cpu()[None] for k in ("fixed_gt", "moving_gt"))
-            warped_label = self.warp_label(ml, ddf)
-        else:
-            fl, ml = (plain(b[k]).detach().float().cpu()[None] for k in ("fixed_label", "moving_label"))
-        kp = None
-        if self.keypoints and "fixed_keypoints" in b and "moving_keypoints" in b:
-            kp = (read_keypoints(b["fixed_keypoints"]), read_keypoints(b["moving_keypoints"]))
         row = {"pair": name}
-        row.update(pair_metrics(ddf, warped_label, fl, ml, self.labels, spacing, keypoints=kp))
+        row.update(pair_metrics(ddf, fl, ml, self.labels, spacing, kp, self.jacobian_border))
         logger.info("%s: %s", name, ", ".join(f"{k} {v:.3f}" for k, v in row.items() if k.endswith("mean")))
         return row
 
@@ -149,7 +148,8 @@ class RegistrationWriter:
         if not self.rows:
             logger.warning("RegistrationWriter: no pairs were evaluated, no table written")
             return {}
-        self.summary = write_table(self.rows, self.output_dir, self.table_name)
+        settings = {"jacobian_border": self.jacobian_border, "pairs": len(self.rows)}
+        self.summary = write_table(self.rows, self.output_dir, self.table_name, settings)
         shown = {k: v["mean"] for k, v in self.summary.items() if k in ("dice_mean", "hd95_mean", "sdlogj", "tre_mm")}
         logger.info("%s over %d pairs: %s", self.table_name, len(self.rows), shown)
         return self.summary

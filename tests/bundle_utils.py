@@ -3,7 +3,6 @@
 import json
 from pathlib import Path
 
-import jsonschema
 from monai.bundle import ConfigWorkflow
 
 REPO = Path(__file__).resolve().parent.parent
@@ -35,9 +34,8 @@ def run(files, workflow_type: str, **override):
 
 
 def validate_metadata(bundle: str) -> dict:
+    """The bundle's metadata with the keys the bundles rely on (the Zoo schema is checked in test_metadata_schema)."""
     meta = json.loads((configs(bundle) / "metadata.json").read_text())
-    if SCHEMA.is_file():  # the schema lives beside the repository in the workplace
-        jsonschema.validate(meta, json.loads(SCHEMA.read_text()))
     for key in ("version", "monai_version", "pytorch_version", "numpy_version", "network_data_format", "labels"):
         assert key in meta, key
     return meta

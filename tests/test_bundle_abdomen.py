@@ -50,13 +50,14 @@ def test_metadata_and_properties(abdomen):
 
 
 def test_variants_use_lncc_and_the_abdomen_weights(abdomen):
-    expected = {"dice": ("dice", 1.0), "edt": ("edt", 100.0), "edt_dice": ("edt_dice", 1.0), "baseline": ("dice", 1.0)}
+    expected = {"dice": ("DiceLoss", 1.0), "edt": ("EDTLoss", 100.0), "edt_dice": ("EDTDiceLoss", 1.0)}
+    expected["baseline"] = ("DiceLoss", 1.0)
     for variant, (mask_loss, g1) in expected.items():
         loss = workflow(
             [TRAIN], "train", dataset_dir=str(abdomen.parent), variant=variant, n_train=2, n_val=2
         ).parser.get_parsed_content("loss")
         assert type(loss.loss.sim).__name__ == "LocalNormalizedCrossCorrelationLoss"
-        assert loss.loss.mask_loss == mask_loss and loss.loss.weights == {"sim": 1.0, "mask": g1, "reg": 0.1}
+        assert type(loss.loss.mask).__name__ == mask_loss and loss.loss.weights == {"sim": 1.0, "mask": g1, "reg": 0.1}
 
 
 def test_split_gives_all_ordered_inter_subject_pairs(abdomen):

@@ -29,7 +29,7 @@ def trained(acdc, tmp_path_factory):
     out = tmp_path_factory.mktemp("acdc_run")
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(out)
-        for variant in ("edt_dice", "baseline"):
+        for variant in ("dice", "edt", "baseline"):  # into one models/ folder
             run(
                 [TRAIN],
                 "train",
@@ -78,12 +78,15 @@ def test_multi_gpu_config_only_overrides_ids_that_train_defines():
 
 
 def test_variant_selects_the_loss_weights_and_region_mode(acdc):
-    expected = {"dice": ("dice", 0.1), "edt": ("edt", 10.0), "edt_dice": ("edt_dice", 0.1), "baseline": ("dice", 0.1)}
+    expected = {"dice": ("DiceLoss", 0.1), "edt": ("EDTLoss", 10.0), "edt_dice": ("EDTDiceLoss", 0.1)}
+    expected["baseline"] = ("DiceLoss", 0.1)
     for variant, (mask_loss, g1) in expected.items():
         wf = workflow([TRAIN], "train", dataset_dir=str(acdc), variant=variant)
         loss = wf.parser.get_parsed_content("loss")
-        assert loss.loss.mask_loss == mask_loss and loss.loss.weights == {"sim": 1.0, "mask": g1, "reg": 0.01}
+        assert type(loss.loss.mask).__name__ == mask_loss and type(loss.loss.sim).__name__ == "MSELoss"
+        assert loss.loss.weights == {"sim": 1.0, "mask": g1, "reg": 0.01}
         assert wf.parser.get_parsed_content("global_region") == (variant == "baseline")
+        assert wf.parser.get_parsed_content("model_name") == f"model_{variant}.pt"
 
 
 def test_split_by_patient_and_automatic_label_folder(acdc, tmp_path):
@@ -101,13 +104,103 @@ def test_split_by_patient_and_automatic_label_folder(acdc, tmp_path):
     assert test[0]["fixed_label"].startswith(str(auto)) and test[0]["fixed_gt"].endswith("_gt.nii.gz")
 
 
-def test_training_writes_the_best_checkpoint_per_variant(trained):
-    assert (trained / "models" / "model.pt").is_file() and (trained / "models" / "model_baseline.pt").is_file()
-    state = torch.load(trained / "models" / "model.pt", map_location="cpu", weights_only=True)
-    assert any(k.endswith("weight") for k in state)
+def test_training_writes_one_checkpoint_per_variant_with_its_settings(trained):
+    ckpts = {
+        v: torch.load(trained / "models" / f"model_{v}.pt", weights_only=True) for v in ("dice", "edt", "baseline")
+    }
+    assert not (trained / "models" / "model.pt").exists()
+    for variant, ckpt in ckpts.items():
+        assert ckpt["segreg"]["variant"] == variant and ckpt["segreg"]["global_region"] == (variant == "baseline")
+        assert ckpt["segreg"]["backbone"]["class"] == "VoxelMorphUNet" and any(
+            k.endswith("weight") for k in ckpt["model"]
+        )
+    # dice and edt trained separately: different weights, neither overwrote the other
+    assert any(not torch.equal(ckpts["dice"]["model"][k], ckpts["edt"]["model"][k]) for k in ckpts["dice"]["model"])
 
 
-@pytest.mark.parametrize("variant", ["edt_dice", "baseline"])
+def error_text(err: BaseException) -> str:
+    """The messages of an exception and its causes (ConfigWorkflow wraps the original error)."""
+    parts = []
+    while err is not None:
+        parts.append(str(err))
+        err = err.__cause__ or err.__context__
+    return " | ".join(parts)
+
+
+@pytest.mark.parametrize(
+    "variant,ckpt,override,message",
+    [
+        ("dice", "model_edt.pt", {}, "trained as variant 'edt'"),
+        ("baseline", "model_dice.pt", {}, "trained as variant 'dice'"),
+        ("dice", "model_dice.pt", {"network_def#channels": [8, 8, 8, 8, 8, 8, 8, 8]}, "different backbone"),
+        ("foo", "model_dice.pt", {}, "unknown variant 'foo'"),
+    ],
+)
+def test_inference_refuses_a_checkpoint_it_was_not_trained_as(
+    acdc, trained, tmp_path, variant, ckpt, override, message
+):
+    with pytest.raises(Exception) as err:
+        run(
+            [INFER],
+            "infer",
+            dataset_dir=str(acdc),
+            ckpt_path=str(trained / "models" / ckpt),
+            output_dir=str(tmp_path / "o"),
+            variant=variant,
+            **{**SMALL, **override},
+        )
+    assert message in error_text(err.value)
+    assert not (tmp_path / "o").exists()  # refused before any output
+
+
+def test_training_refuses_an_unknown_variant(acdc, tmp_path):
+    with pytest.raises(Exception) as err:
+        run([TRAIN], "train", dataset_dir=str(acdc), ckpt_dir=str(tmp_path), variant="foo", epochs=1, **SMALL)
+    assert "unknown variant 'foo'" in error_text(err.value) and "edt_dice" in error_text(err.value)
+
+
+def test_key_metric_and_table_score_the_ground_truth_with_automatic_labels(acdc, trained, tmp_path):
+    # automatic labels: the ground truth shifted by 3 voxels, so scoring them would give a different Dice
+    auto = tmp_path / "auto"
+    auto.mkdir()
+    for r in acdc_split(acdc, "test"):
+        for k in ("fixed_gt", "moving_gt"):
+            img = nib.load(r[k])
+            name = r[k.replace("gt", "image")].split("/")[-1]
+            nib.save(nib.Nifti1Image(np.roll(np.asarray(img.dataobj), 3, axis=0), img.affine), auto / name)
+    out = tmp_path / "eval"
+    wf = workflow(
+        [INFER, EVAL],
+        "infer",
+        dataset_dir=str(acdc),
+        ckpt_dir=str(trained / "models"),
+        output_dir=str(out),
+        variant="dice",
+        label_dir=str(auto),
+        **SMALL,
+    )
+    wf.run()
+    logged = wf.parser.get_parsed_content("evaluator").state.metrics["mean_dice"]
+    wf.finalize()
+    table = json.loads((out / "metrics.json").read_text())
+    assert logged == pytest.approx(table["summary"]["dice_mean"]["mean"], abs=1e-6)
+    assert "hd95_<label>" in table["conventions"] and table["settings"]["jacobian_border"] == [2, 2, 0]
+    # the table's Dice is that of the ground truth warped by the saved field (scipy), not of the automatic labels
+    record = next(r for r in acdc_split(acdc, "test", label_dir=auto) if r["direction"] == "ES_ED")
+    prep = workflow([INFER], "infer", dataset_dir=str(acdc), **SMALL).parser.get_parsed_content("preprocessing")
+    data = prep(record)
+    u = nib.load(out / "displacements" / "patient004_ES_ED.nii.gz").get_fdata()
+    g = np.meshgrid(*[np.arange(n, dtype=float) for n in u.shape[:3]], indexing="ij")
+    coords = [np.clip(g[i] + u[..., i], 0, u.shape[i] - 1) for i in range(3)]
+    row = next(c for c in table["cases"] if c["pair"] == "patient004_ES_ED")
+    for key, name in (("gt", "dice_RV"),):
+        fixed, moving = (np.asarray(data[f"{s}_{key}"])[0] for s in ("fixed", "moving"))
+        warped = map_coordinates(moving, coords, order=0)
+        a, b = warped == 1, fixed == 1
+        assert row[name] == pytest.approx(200 * (a & b).sum() / (a.sum() + b.sum()), abs=0.5)
+
+
+@pytest.mark.parametrize("variant", ["dice", "baseline"])
 def test_evaluation_writes_consistent_outputs_and_table(acdc, trained, variant, tmp_path):
     out = tmp_path / "eval"
     run(
@@ -147,3 +240,4 @@ def test_inference_without_a_checkpoint_says_what_to_run(acdc, tmp_path):
     with pytest.raises(RuntimeError) as err:
         run([INFER], "infer", dataset_dir=str(acdc), ckpt_dir=str(tmp_path), output_dir=str(tmp_path / "o"), **SMALL)
     assert isinstance(err.value.__cause__, FileNotFoundError) and "train this variant first" in str(err.value.__cause__)
+    assert "model_edt_dice.pt" in str(err.value.__cause__)

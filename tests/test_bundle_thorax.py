@@ -32,6 +32,20 @@ def test_metadata_properties_and_no_training_config(thorax):
         assert workflow(files, "infer", dataset_dir=str(thorax)).check_properties() == []
 
 
+def test_variants_use_the_shared_mechanism_and_unknown_names_are_refused(thorax, tmp_path):
+    for variant, glob in (("segreg", False), ("global", True)):
+        wf = workflow([INFER], "infer", dataset_dir=str(thorax), variant=variant)
+        inferer = wf.parser.get_parsed_content("inferer")
+        assert inferer.optimiser.global_region == glob and type(inferer.optimiser.loss.sim).__name__ == "MINDSSCLoss"
+    with pytest.raises(Exception) as err:
+        run([INFER], "infer", dataset_dir=str(thorax), output_dir=str(tmp_path / "o"), variant="segreg2", **FAST)
+    chain, e = [], err.value
+    while e is not None:
+        chain.append(str(e))
+        e = e.__cause__ or e.__context__
+    assert any("unknown variant 'segreg2'" in c for c in chain) and not (tmp_path / "o").exists()
+
+
 def test_merge_map_covers_the_totalsegmentator_thorax_classes():
     spec = load_merge_map(MERGE)
     assert set(spec["regions"]) == set(range(13))
@@ -57,7 +71,10 @@ def test_submission_folder_and_tre_match_the_learn2reg_convention(thorax, tmp_pa
     out = tmp_path / variant
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        run([INFER, EVAL], "infer", dataset_dir=str(thorax), output_dir=str(out), variant=variant, **FAST)
+        wf = workflow([INFER, EVAL], "infer", dataset_dir=str(thorax), output_dir=str(out), variant=variant, **FAST)
+        wf.run()
+        logged = wf.parser.get_parsed_content("evaluator").state.metrics
+        wf.finalize()
     names = sorted(p.name for p in (out / "submission").glob("*.nii.gz"))
     assert names == ["disp_0001_0001_0001_0000.nii.gz", "disp_0001_0002_0001_0000.nii.gz"]
     table = json.loads((out / "metrics.json").read_text())
@@ -74,3 +91,7 @@ def test_submission_folder_and_tre_match_the_learn2reg_convention(thorax, tmp_pa
         row = next(c for c in table["cases"] if c["pair"] == name[:-7])
         assert row["tre_mm"] == pytest.approx(tre, rel=1e-4)
     assert np.isfinite(table["summary"]["dice_mean"]["mean"]) and "sdlogj" in table["summary"]
+    assert "tre_mm" in table["conventions"]
+    # one metric path: the evaluator's logged metrics are the table's means
+    for key, col in (("tre_mm", "tre_mm"), ("mean_dice", "dice_mean"), ("sdlogj", "sdlogj")):
+        assert logged[key] == pytest.approx(table["summary"][col]["mean"], rel=1e-6, abs=1e-9), key

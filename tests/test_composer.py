@@ -1,3 +1,4 @@
+import pytest
 import torch
 from conftest import requires_cuda
 
@@ -56,3 +57,19 @@ def test_composer_cuda_matches_cpu():
     fields, masks = two_region_case()
     comp = FieldComposer(sigma=1.0)
     torch.testing.assert_close(comp(fields.cuda(), masks.cuda()).cpu(), comp(fields, masks), atol=1e-5, rtol=1e-5)
+
+
+def test_cropped_sub_fields_compose_like_whole_grid_ones():
+    # the path production takes: each region's field only on its box, pasted with the fixed-space weights
+    fields, masks = two_region_case()
+    boxes = [(slice(0, 7), slice(0, 10), slice(1, 8)), (slice(3, 12), slice(2, 10), slice(0, 8))]
+    crops = [fields[:, i][(slice(None), slice(None)) + b] for i, b in enumerate(boxes)]
+    out = FieldComposer()(crops, masks, boxes)
+    ref = torch.zeros_like(fields[:, 0])
+    for i, b in enumerate(boxes):  # independent: zero outside the box, then the weighted sum
+        full = torch.zeros_like(fields[:, i])
+        full[(slice(None), slice(None)) + b] = fields[:, i][(slice(None), slice(None)) + b]
+        ref += masks[:, i : i + 1] * full
+    torch.testing.assert_close(out, ref)
+    with pytest.raises(ValueError, match="does not fit"):
+        FieldComposer()([crops[1], crops[0]], masks, boxes)

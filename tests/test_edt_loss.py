@@ -1,9 +1,10 @@
 import numpy as np
+import pytest
 import torch
 from conftest import requires_cuda
 from scipy.ndimage import distance_transform_edt
 
-from custom.losses import EDTLoss
+from custom.losses import EDTDiceLoss, EDTLoss
 from custom.regions import normalised_edt
 
 
@@ -44,3 +45,17 @@ def test_edt_loss_cuda():
     a = torch.as_tensor(normalised_edt(blob()[None]))[None]
     b = torch.as_tensor(normalised_edt(blob(centre=(11, 9, 6))[None]))[None]
     torch.testing.assert_close(EDTLoss()(a.cuda(), b.cuda()).cpu(), EDTLoss()(a, b))
+
+
+def test_reductions_and_the_combined_edt_dice_loss():
+    a = torch.as_tensor(normalised_edt(blob()[None]))[None]
+    b = torch.as_tensor(normalised_edt(blob(centre=(11, 9, 6))[None]))[None]
+    sq = (a - b) ** 2
+    torch.testing.assert_close(EDTLoss(reduction="none")(a, b), sq)
+    torch.testing.assert_close(EDTLoss(reduction="sum")(a, b), sq.sum())
+    ma, mb = (a > 0).float(), (b > 0).float()
+    dice = 1 - 2 * (ma * mb).sum() / (ma.sum() + mb.sum())  # MONAI DiceLoss without smoothing terms, one channel
+    ours = EDTDiceLoss(edt_scale=100.0)(ma, mb, a, b)
+    torch.testing.assert_close(ours, 0.5 * (dice + 100 * sq.mean()), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="reduction"):
+        EDTDiceLoss(reduction="none")

@@ -1,15 +1,25 @@
 import pytest
 import torch
 from conftest import requires_cuda
+from monai.losses import DiceLoss, LocalNormalizedCrossCorrelationLoss
 from monai.networks.blocks import Warp
 from phantoms import sliding_slabs
 
 from custom.iterative import IterativeSegReg
+from custom.losses import EDTDiceLoss, RegionDiffusionLoss, SegRegLoss
 from custom.metrics import dice_per_label
+from custom.mind import MINDSSCLoss
+from custom.plan import RegionPlan
+
+
+def thorax_loss():
+    return SegRegLoss(
+        MINDSSCLoss(), DiceLoss(include_background=True), RegionDiffusionLoss(), {"sim": 10, "mask": 1, "reg": 5}
+    )
+
 
 SETTINGS = dict(
-    similarity="mind",
-    weights={"sim": 10, "mask": 1, "reg": 5},
+    loss=thorax_loss(),
     levels=(4, 2, 1),
     iterations=(50, 50, 30),
     lr=0.3,
@@ -40,9 +50,8 @@ def test_recovers_sliding_piecewise_translation_where_global_cannot(seed):
 
 def test_velocity_field_and_edt_mask_loss_run():
     p = sliding_slabs(shape=(16, 16, 8), shift=1)
-    reg = IterativeSegReg(
-        similarity="ncc", mask_loss="edt_dice", field="velocity", levels=(2, 1), iterations=(5, 5), progress=False
-    )
+    loss = SegRegLoss(LocalNormalizedCrossCorrelationLoss(spatial_dims=3, kernel_size=7), EDTDiceLoss())
+    reg = IterativeSegReg(loss=loss, field="velocity", levels=(2, 1), iterations=(5, 5), progress=False)
     out = reg(p["fixed"], p["moving"], p["fixed_regions"], p["moving_regions"])
     assert out["ddf"].shape == (1, 3, 16, 16, 8) and torch.isfinite(out["ddf"]).all()
 
@@ -73,8 +82,9 @@ def test_region_outside_the_fixed_field_of_view_drops_the_similarity_term():
     label[..., 6:14, 20:23, 3:13] = 2
     moving = fixed.clone()
     fixed[..., :, 19:, :] = 0.0
-    regions, _, _, tasks = IterativeSegReg(fov_value=0.0, progress=False).tasks(fixed, moving, label, label)
-    use = dict(zip(regions, [t.use_similarity for t in tasks]))
+    plan = RegionPlan.build(label, label)
+    tasks = IterativeSegReg(fov_value=0.0, progress=False).tasks(plan, fixed, moving)
+    use = dict(zip(plan.regions, [t.use_similarity for t in tasks]))
     assert use[1] and not use[2]
-    _, _, _, tasks = IterativeSegReg(progress=False).tasks(fixed, moving, label, label)
+    tasks = IterativeSegReg(progress=False).tasks(plan, fixed, moving)
     assert all(t.use_similarity for t in tasks)

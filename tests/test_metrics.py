@@ -1,9 +1,10 @@
 import numpy as np
+import pytest
 import torch
 from conftest import requires_cuda
 from scipy.ndimage import map_coordinates
 
-from custom.handlers import JacobianMetric, TREMetric
+from custom.handlers import TRE, NegJacobianPercent, RegistrationDice, SDlogJ
 from custom.metrics import dice_per_label, hd95_per_label, jacobian_determinant, jacobian_stats, tre_mm
 
 
@@ -74,16 +75,63 @@ def test_tre_matches_scipy_map_coordinates():
     np.testing.assert_allclose(ours.numpy(), ref, rtol=1e-4, atol=1e-4)
 
 
-def test_metric_objects_aggregate_the_functions():
+def test_jacobian_border_per_axis_keeps_thin_axes():
+    # 16 slices: the Learn2Reg 2-voxel border would drop 4 of them; border (2, 2, 0) keeps all, with numpy.gradient's
+    # one-sided differences on the outer slices
+    rng = np.random.default_rng(1)
+    u = rng.normal(0, 0.3, (3, 12, 11, 6))
+    grads = [np.gradient(u[c], axis=k) for c in range(3) for k in range(3)]
+    J = np.stack(grads).reshape(3, 3, *u.shape[1:]).transpose(1, 0, 2, 3, 4) + np.eye(3).reshape(3, 3, 1, 1, 1)
+    ref = np.linalg.det(J.transpose(2, 3, 4, 0, 1))[2:-2, 2:-2, :]
+    ours = jacobian_determinant(torch.as_tensor(u, dtype=torch.float32)[None], border=(2, 2, 0))[0].numpy()
+    assert ours.shape == (8, 7, 6)
+    np.testing.assert_allclose(ours, ref, atol=1e-4)
+    with pytest.raises(ValueError, match="border"):
+        jacobian_determinant(torch.zeros(1, 3, 4, 4, 4), border=2)
+
+
+def _item(ddf, fixed_ref, moving_ref, **extra):
+    return {"ddf": ddf[0], "fixed_reference": fixed_ref[0], "moving_reference": moving_ref[0], **extra}
+
+
+def test_handlers_score_the_warped_moving_reference_like_numpy():
+    fixed = torch.zeros(1, 1, 10, 10, 10)
+    fixed[..., 2:6, 2:8, 2:8] = 1
+    fixed[..., 6:9, 2:8, 2:8] = 2
+    moving = torch.roll(fixed, 1, dims=2)  # moving content one voxel further along x
+    zero, shift = torch.zeros(1, 3, 10, 10, 10), torch.zeros(1, 3, 10, 10, 10)
+    shift[:, 0] = 1.0  # samples moving at x + 1: undoes the roll
+    dice = RegistrationDice({"0": "bg", "1": "a", "2": "b"})
+    dice.reset()
+    dice.update([_item(zero, fixed, moving)])
+    a, b = fixed[0, 0].numpy(), moving[0, 0].numpy()
+    ref = np.mean([200 * ((a == i) & (b == i)).sum() / ((a == i).sum() + (b == i).sum()) for i in (1, 2)])
+    assert dice.compute() == pytest.approx(ref, abs=1e-3)
+    dice.update([_item(shift, fixed, moving)])
+    w = b[np.minimum(np.arange(10) + 1, 9)]  # numpy warp at x + 1 with the border clamped
+    ref2 = np.mean([200 * ((a == i) & (w == i)).sum() / ((a == i).sum() + (w == i).sum()) for i in (1, 2)])
+    assert ref2 > ref and dice.compute() == pytest.approx((ref + ref2) / 2, abs=1e-3)  # mean over the two pairs
+
+    sd, neg = SDlogJ(border=2), NegJacobianPercent(border=2)
     A = np.diag([1.2, 1.0, 1.0])
-    ddf = torch.cat([affine_ddf(A), affine_ddf(np.eye(3))])
-    m = JacobianMetric("sdlogj")
-    m(y_pred=ddf)
-    assert float(m.aggregate()) < 1e-5
-    t = TREMetric(spacing=(1, 1, 1))
-    kp = torch.tensor([[[2.0, 2.0, 2.0, 2.0, 2.0, 2.0]]]).repeat(2, 1, 1)
-    t(y_pred=torch.zeros(2, 3, 6, 6, 6), y=kp)
-    assert float(t.aggregate()) == 0.0
+    for m in (sd, neg):
+        m.reset()
+        m.update([_item(affine_ddf(A), fixed, moving), _item(affine_ddf(np.eye(3)), fixed, moving)])
+    assert sd.compute() < 1e-5 and neg.compute() == 0.0
+
+
+def test_tre_handler_matches_scipy_and_skips_pairs_without_keypoints():
+    rng = np.random.default_rng(0)
+    ddf = rng.normal(0, 2, (3, 10, 9, 8)).astype(np.float32)
+    fp, mp = rng.uniform(1, 7, (20, 3)), rng.uniform(1, 7, (20, 3))
+    disp = np.stack([map_coordinates(ddf[c], fp.T, order=1) for c in range(3)], 1)
+    ref = np.linalg.norm((fp + disp - mp) * [1.5, 1.0, 2.0], axis=1).mean()
+    label = torch.zeros(1, 1, 10, 9, 8)
+    item = _item(torch.as_tensor(ddf)[None], label, label)
+    t = TRE(spacing=(1.5, 1.0, 2.0))
+    t.reset()
+    t.update([dict(item, fixed_keypoints=torch.as_tensor(fp), moving_keypoints=torch.as_tensor(mp)), item])
+    assert t.compute() == pytest.approx(ref, rel=1e-4)
 
 
 @requires_cuda

@@ -73,3 +73,11 @@ def test_mind_2d_and_bad_input():
 def test_mind_cuda_matches_cpu():
     img = torch.rand(1, 1, 16, 16, 12)
     torch.testing.assert_close(mind_ssc(img.cuda()).cpu(), mind_ssc(img), atol=1e-5, rtol=1e-4)
+
+
+def test_mind_loss_reduction():
+    a, b = torch.rand(1, 1, 10, 9, 8), torch.rand(1, 1, 10, 9, 8)
+    sq = (mind_ssc(a) - mind_ssc(b)) ** 2
+    torch.testing.assert_close(MINDSSCLoss(reduction="none")(a, b), sq)
+    torch.testing.assert_close(MINDSSCLoss(reduction="sum")(a, b), sq.sum())
+    torch.testing.assert_close(MINDSSCLoss()(a, b), sq.mean())

@@ -45,3 +45,13 @@ def test_region_diffusion_cuda():
     torch.testing.assert_close(
         RegionDiffusionLoss()(ddf.cuda(), regions.cuda()).cpu(), RegionDiffusionLoss()(ddf, regions)
     )
+
+
+def test_reduction_none_gives_one_value_per_case():
+    regions = torch.cat([split_regions(), split_regions(border=6)])
+    ddf = torch.randn((2, 3, 10, 8, 6))
+    per_case = RegionDiffusionLoss(reduction="none")(ddf, regions)
+    assert per_case.shape == (2,)
+    for b in range(2):
+        torch.testing.assert_close(per_case[b], RegionDiffusionLoss()(ddf[b : b + 1], regions[b : b + 1]))
+    torch.testing.assert_close(RegionDiffusionLoss(reduction="sum")(ddf, regions), per_case.sum())

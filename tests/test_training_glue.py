@@ -1,12 +1,25 @@
 import numpy as np
 import pytest
 import torch
+from monai.losses import DiceLoss, DiffusionLoss
 from scipy.ndimage import map_coordinates
 
 from custom.inferer import SegRegInferer
+from custom.losses import EDTDiceLoss, EDTLoss, SegRegLoss
 from custom.region_pair import GlobalRegiond
 from custom.regions import normalised_edt
-from custom.training import PairBatch, RegionPairBatch, RegionPairLoss, pick_variant
+from custom.training import PairBatch, RegionPairBatch, RegionPairLoss
+from custom.variants import select_variant
+
+MASK_LOSSES = {
+    "dice": lambda: DiceLoss(include_background=True),
+    "edt": EDTLoss,
+    "edt_dice": EDTDiceLoss,
+}
+
+
+def pair_loss(mask_loss: str, num_steps: int = 7) -> RegionPairLoss:
+    return RegionPairLoss(SegRegLoss(torch.nn.MSELoss(), MASK_LOSSES[mask_loss](), DiffusionLoss()), num_steps)
 
 
 def test_global_region_masks_are_one_hot_labels_and_images_unmasked():
@@ -62,7 +75,7 @@ def _targets(shape=(16, 16, 16)):
 
 @pytest.mark.parametrize("mask_loss", ["dice", "edt", "edt_dice"])
 def test_region_pair_loss_is_zero_for_identical_pair_and_zero_velocity(mask_loss):
-    loss = RegionPairLoss(mask_loss=mask_loss)
+    loss = pair_loss(mask_loss)
     t = _targets()
     v = torch.zeros(1, 3, 16, 16, 16, requires_grad=True)
     total = loss(v, t)
@@ -76,7 +89,7 @@ def test_region_pair_loss_penalises_a_shift_and_its_gradient_undoes_it():
     t["moving_image"] = torch.roll(t["moving_image"], 2, dims=2)
     t["moving_mask"] = torch.roll(t["moving_mask"], 2, dims=2)
     t["moving_edt"] = torch.roll(t["moving_edt"], 2, dims=2)
-    loss = RegionPairLoss(mask_loss="dice", num_steps=0)
+    loss = pair_loss("dice", num_steps=0)
     v = torch.zeros(1, 3, 16, 16, 16, requires_grad=True)
     loss(v, t).backward()
     # moving content sits at +2 along x: sampling further along +x reduces the loss, so -grad points to +x
@@ -97,11 +110,29 @@ def test_batches_follow_the_voxelmorph_channel_order():
         "fixed_label": t["fixed_mask"],
         "moving_label": t["moving_mask"],
     }
-    inputs, label, args, kwargs = PairBatch()(pair)
-    assert torch.equal(inputs[:, 0:1], pair["moving_image"]) and torch.equal(label, pair["fixed_label"])
+    inputs, refs, args, kwargs = PairBatch()(pair)
+    assert torch.equal(inputs[:, 0:1], pair["moving_image"]) and torch.equal(
+        refs["fixed_reference"], pair["fixed_label"]
+    )
     assert set(kwargs) == {"fixed_label", "moving_label"} and args == ()
+    # with ground truth in the batch, the references are the ground truth while the labels still drive registration
+    gt = {"fixed_gt": t["fixed_mask"] * 2, "moving_gt": t["moving_mask"] * 3, "fixed_keypoints": torch.ones(1, 4, 3)}
+    _, refs, _, kwargs = PairBatch()({**pair, **gt})
+    assert torch.equal(refs["fixed_reference"], gt["fixed_gt"]) and torch.equal(
+        refs["moving_reference"], gt["moving_gt"]
+    )
+    assert torch.equal(kwargs["fixed_label"], pair["fixed_label"]) and refs["fixed_keypoints"].shape == (1, 4, 3)
 
 
 def test_unknown_variant_names_the_choices():
     with pytest.raises(ValueError, match="choose one of"):
-        pick_variant({"dice": {}, "baseline": {}}, "dcie")
+        select_variant({"dice": {}, "baseline": {}}, "dcie")
+
+
+def test_loss_modules_are_required_and_weights_checked():
+    with pytest.raises(TypeError, match="_target_"):
+        SegRegLoss("mse", DiceLoss())
+    with pytest.raises(ValueError, match="unknown loss weights"):
+        SegRegLoss(torch.nn.MSELoss(), DiceLoss(), weights={"similarity": 1.0})
+    with pytest.raises(TypeError, match="SegRegLoss"):
+        RegionPairLoss(torch.nn.MSELoss())

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# One command for a GPU machine: the CUDA tests, then CPU vs CUDA timings side by side (benchmarks/gpu_timings.py).
+# Needs torch with CUDA plus the project's pure-Python dependencies; wheels carried in .whl/ are installed first
+# (python3 -m pip download --no-deps -d .whl monai==1.6.1 nibabel==5.4.2 pytorch-ignite==0.5.5 fire==0.7.1 ...).
+# Usage: bash benchmarks/gpu_check.sh [OUT_DIR]   (about 5 minutes on one H100)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${1:-${OUT:-outputs/gpu_check}}"
+mkdir -p "$OUT"
+PY="${PYTHON:-python3}"
+if ls .whl/*.whl >/dev/null 2>&1; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
+fi
+export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+"$PY" -c "import torch, monai; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'monai', monai.__version__)"
+echo "== CUDA tests =="
+CUDA_TESTS=$(grep -l requires_cuda tests/test_*.py)
+"$PY" -m pytest -q -rs -p no:cacheprovider $CUDA_TESTS 2>&1 | tee "$OUT/cuda_tests.log"
+tests_rc=${PIPESTATUS[0]}
+echo "== timings =="
+"$PY" benchmarks/gpu_timings.py --out /tmp/segreg_bench ${GPU_TIMINGS_ARGS:-} 2>&1 | tee "$OUT/gpu_timings.log"
+timing_rc=${PIPESTATUS[0]}
+echo "tests exit $tests_rc, timings exit $timing_rc"
+exit $(( tests_rc || timing_rc ))

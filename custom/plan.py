@@ -1,0 +1,232 @@
+"""The region plan: SegReg's defining step in one place.
+
+A :class:`RegionPlan` is built from the fixed and moving label maps of one pair. It decides which regions are
+registered (ids present in both maps), where each one is cropped (the box of its fixed and moving masks plus a margin),
+how each is masked (I_m * S_m^i, I_f * S_f^i) and how the sub-fields are composed (``u = sum_i w_i u_i`` with the
+fixed masks, through :class:`~custom.composer.FieldComposer`). Its users are solvers of the same plan:
+
+- training draws one region of the plan per sample (:class:`custom.region_pair.RandRegionPaird`);
+- the trained inferer runs every region through the backbone (:class:`custom.inferer.SegRegInferer`);
+- the iterative solver optimises one field per region (:class:`custom.iterative.IterativeSegReg`).
+
+The one-region baseline is the same plan with a single *global* region: the whole grid, unmasked images, and the
+one-hot foreground labels as its masks (for the mask loss).
+
+Shapes: label maps ``(1, 1, *S)`` (one pair), masks ``(1, C, *s)``, boxes are tuples of slices of the grid.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+
+import torch
+
+from custom.composer import FieldComposer, whole_box
+from custom.regions import bounding_box, labels_to_regions, present_labels, source_name
+from custom.utils import plain
+
+GLOBAL = -1  # region id of the one-region baseline
+
+
+def select_regions(
+    fixed_label,
+    moving_label,
+    region_ids: Sequence[int] | None = None,
+    include_background: bool = True,
+    warn: bool = True,
+) -> tuple[list[int], list[int]]:
+    """Regions to register (present in both label maps) and regions skipped (present in only one).
+
+    ``region_ids=None`` considers every id found in either map. Skipped regions are reported with a warning (their
+    voxels fall to the background region). Raises ``ValueError`` when no region is left.
+    """
+    in_fixed, in_moving = set(present_labels(fixed_label)), set(present_labels(moving_label))
+    wanted = set(region_ids) if region_ids is not None else in_fixed | in_moving
+    if not include_background:
+        wanted.discard(0)
+    used = sorted(wanted & in_fixed & in_moving)
+    skipped = sorted((wanted & (in_fixed | in_moving)) - set(used))
+    if skipped and warn:
+        warnings.warn(
+            f"regions {skipped} are present in only one of the fixed/moving label maps "
+            f"({source_name(fixed_label)}, {source_name(moving_label)}) and are skipped; "
+            "their voxels fall to the background region.",
+            stacklevel=2,
+        )
+    if not used:
+        raise ValueError(
+            f"no region is present in both {source_name(fixed_label)} and {source_name(moving_label)} "
+            f"(allowed ids {region_ids}); nothing to register."
+        )
+    return used, skipped
+
+
+def composition_weights(fixed_label: torch.Tensor, regions: Sequence[int]) -> torch.Tensor:
+    """Fixed-space one-hot weights ``(1, N, *S)``; voxels of unregistered labels join region 0 if it is registered."""
+    w = labels_to_regions(fixed_label, regions)
+    if 0 in regions:
+        idx = list(regions).index(0)
+        w[:, idx] = w[:, idx] + (1.0 - w.sum(1)).clamp_min(0)
+    return w
+
+
+def padded_shape(shapes: Sequence[Sequence[int]], divisor: int) -> tuple[int, ...]:
+    """Smallest shape that holds every shape in ``shapes`` and is a multiple of ``divisor`` on each axis."""
+    return tuple(int(math.ceil(max(s[d] for s in shapes) / divisor) * divisor) for d in range(len(shapes[0])))
+
+
+def box_shape(box: Sequence[slice]) -> list[int]:
+    return [s.stop - s.start for s in box]
+
+
+class RegionPlan:
+    """Which regions of one pair are registered, their crop boxes, masks and composition weights.
+
+    Build it with :meth:`build`. Region ``i`` of the plan has id ``regions[i]`` (:data:`GLOBAL` for the baseline)
+    and box ``boxes[i]``. Masks are computed on demand from the label maps, so a plan costs two label maps plus the
+    composition weights.
+
+    Args:
+        fixed_label, moving_label: label maps ``(1, 1, *S)`` on one grid (integer ids, 0 = background).
+        regions: region ids in plan order.
+        boxes: one tuple of slices per region.
+        label_ids: the foreground ids that form the masks of the global region.
+        composer: the :class:`FieldComposer` that composes the sub-fields (its ``sigma`` smooths the weights).
+        skipped: ids present in only one map (reported, not registered).
+    """
+
+    def __init__(self, fixed_label, moving_label, regions, boxes, label_ids=(), composer=None, skipped=()) -> None:
+        self.fixed_label, self.moving_label = plain(fixed_label), plain(moving_label)
+        self.regions, self.boxes = [int(r) for r in regions], [tuple(b) for b in boxes]
+        self.label_ids = [int(i) for i in label_ids]
+        self.composer = composer or FieldComposer()
+        self.skipped = list(skipped)
+        self._weights = None
+
+    # ---------------------------------------------------------------------------------------------------------
+    @classmethod
+    def build(
+        cls,
+        fixed_label: torch.Tensor,
+        moving_label: torch.Tensor,
+        region_ids: Sequence[int] | None = None,
+        margin: int | Sequence[int] = 8,
+        crop: bool = True,
+        include_background: bool = True,
+        global_region: bool = False,
+        label_ids: Sequence[int] | None = None,
+        composer: FieldComposer | None = None,
+        warn: bool = True,
+    ) -> RegionPlan:
+        """Plan the registration of one pair.
+
+        Args:
+            fixed_label, moving_label: ``(1, 1, *S)`` label maps on one grid.
+            region_ids: regions that may be registered (``None`` = every id present in both maps).
+            margin: voxels added around each region's box (keep it above the largest expected displacement).
+            crop: ``False`` gives every region the whole grid.
+            include_background: whether region 0 is registered.
+            global_region: plan the one-region baseline: one region, the whole grid, unmasked images.
+            label_ids: foreground ids forming the global region's masks (``None`` = every foreground id present).
+            composer: composes the sub-fields (default: hard masks).
+            warn: report skipped regions.
+        """
+        if fixed_label.ndim < 3 or fixed_label.shape[:2] != (1, 1) or fixed_label.shape != moving_label.shape:
+            raise ValueError(
+                "a region plan needs fixed and moving label maps of one shape (1, 1, *S); got "
+                f"{tuple(fixed_label.shape)} ({source_name(fixed_label)}) and {tuple(moving_label.shape)} "
+                f"({source_name(moving_label)}). Resample them onto one grid first."
+            )
+        spatial = fixed_label.shape[2:]
+        if global_region:
+            if label_ids is None:
+                found = set(present_labels(fixed_label)) | set(present_labels(moving_label))
+                label_ids = sorted(v for v in found if v != 0)
+            if not label_ids:
+                raise ValueError(
+                    f"the label maps {source_name(fixed_label)} and {source_name(moving_label)} have no foreground "
+                    "label; the global region's mask loss needs at least one."
+                )
+            return cls(fixed_label, moving_label, [GLOBAL], [whole_box(spatial)], label_ids, composer)
+        regions, skipped = select_regions(fixed_label, moving_label, region_ids, include_background, warn)
+        fixed_label, moving_label = plain(fixed_label), plain(moving_label)
+        boxes = []
+        for r in regions:
+            if not crop:
+                boxes.append(whole_box(spatial))
+                continue
+            union = (fixed_label[0, 0] == r) | (moving_label[0, 0] == r)
+            boxes.append(bounding_box(union, margin))
+        return cls(fixed_label, moving_label, regions, boxes, (), composer, skipped)
+
+    # ---------------------------------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.regions)
+
+    @property
+    def is_global(self) -> bool:
+        return self.regions == [GLOBAL]
+
+    @property
+    def spatial_shape(self) -> tuple[int, ...]:
+        return tuple(self.fixed_label.shape[2:])
+
+    def box_shape(self, i: int) -> list[int]:
+        """Spatial shape of region ``i``'s crop."""
+        return box_shape(self.boxes[i])
+
+    def order_by_size(self) -> list[int]:
+        """Region indices sorted by box volume (similar sizes batch with little padding)."""
+        return sorted(range(len(self)), key=lambda i: math.prod(self.box_shape(i)))
+
+    def crop(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        """``x`` ``(B, C, *S)`` cropped to region ``i``'s box -> ``(B, C, *s)``."""
+        return x[(slice(None), slice(None)) + self.boxes[i]]
+
+    def mask(self, side: str, i: int, crop: bool = True) -> torch.Tensor:
+        """Region ``i``'s mask on the ``side`` ("fixed"/"moving") label map, float ``(1, C, *s)``.
+
+        One channel (``label == id``) for a region; for the global region one channel per ``label_ids`` entry.
+        """
+        label = self._label(side)
+        label = self.crop(label, i) if crop else label
+        if self.regions[i] == GLOBAL:
+            return labels_to_regions(label, self.label_ids)
+        return (label == self.regions[i]).float()
+
+    def masked_image(self, side: str, image: torch.Tensor, i: int, crop: bool = True) -> torch.Tensor:
+        """``image`` ``(1, 1, *S)`` times region ``i``'s mask on ``side`` (unmasked for the global region)."""
+        img = (self.crop(image, i) if crop else image).float()
+        if self.regions[i] == GLOBAL:
+            return img
+        return img * self.mask(side, i, crop)
+
+    def weights(self) -> torch.Tensor:
+        """Composition weights ``(1, N, *S)`` (fixed masks, background filling unregistered labels), prepared by the
+        composer (smoothed and renormalised if it has a ``sigma``)."""
+        if self._weights is None:
+            if self.is_global:
+                w = torch.ones((1, 1) + self.spatial_shape, device=self.fixed_label.device)
+            else:
+                w = composition_weights(self.fixed_label, self.regions)
+            self._weights = self.composer.prepare_weights(w)
+        return self._weights
+
+    def new_field(self, dtype=torch.float32) -> torch.Tensor:
+        """A zero displacement ``(1, D, *S)`` to paste sub-fields into."""
+        return self.fixed_label.new_zeros((1, len(self.spatial_shape)) + self.spatial_shape, dtype=dtype)
+
+    def paste(self, out: torch.Tensor, i: int, field: torch.Tensor) -> torch.Tensor:
+        """Add region ``i``'s weighted sub-field ``(1, D, *s)`` into ``out`` ``(1, D, *S)`` (in place)."""
+        return self.composer.paste(out, field, self.weights()[:, i : i + 1], self.boxes[i])
+
+    def compose(self, fields: Sequence[torch.Tensor]) -> torch.Tensor:
+        """``u = sum_i w_i u_i`` from the cropped sub-fields of every region, in plan order -> ``(1, D, *S)``."""
+        return self.composer(list(fields), self.weights(), self.boxes, prepared=True)
+
+    def _label(self, side: str) -> torch.Tensor:
+        if side not in ("fixed", "moving"):
+            raise ValueError(f"side must be 'fixed' or 'moving', got {side!r}")
+        return self.fixed_label if side == "fixed" else self.moving_label
