@@ -1,4 +1,4 @@
-"""SegReg command line: ``python -m custom <verb>`` (``make-data``, ``demo``).
+"""SegReg command line: ``python -m custom <verb>`` (``make-data``, ``demo``, ``register``, ``warp``).
 
 Run ``python -m custom <verb> --help`` for the options of a verb.
 """
@@ -134,7 +134,9 @@ def demo(
 
 
 def main() -> None:
-    fire.Fire({"make-data": make_data, "demo": demo})
+    from custom.register import register, warp
+
+    fire.Fire({"make-data": make_data, "demo": demo, "register": register, "warp": warp})
 
 
 if __name__ == "__main__":

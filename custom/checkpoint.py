@@ -35,19 +35,27 @@ class ModelInfo:
         network: the backbone (its class and parameter shapes are recorded).
         global_region: whether the variant registers one global region (the baseline).
         integration_steps: scaling-and-squaring steps the velocity is integrated with.
+        frozen_components: displacement components held at 0 (an in-plane field trains a different network).
     """
 
     def __init__(
-        self, variant: str, network: torch.nn.Module, global_region: bool = False, integration_steps: int = 7
+        self,
+        variant: str,
+        network: torch.nn.Module,
+        global_region: bool = False,
+        integration_steps: int = 7,
+        frozen_components=(),
     ) -> None:
         self.variant, self.network = str(variant), network
         self.global_region, self.integration_steps = bool(global_region), int(integration_steps)
+        self.frozen_components = sorted(int(c) for c in (frozen_components or ()))
 
     def state_dict(self) -> dict:
         return {
             "variant": self.variant,
             "global_region": self.global_region,
             "integration_steps": self.integration_steps,
+            "frozen_components": self.frozen_components,
             "backbone": backbone_signature(self.network),
         }
 
@@ -62,6 +70,11 @@ class ModelInfo:
             raise ValueError(
                 f"{source} integrates the velocity with {state.get('integration_steps')} steps, this run with "
                 f"{self.integration_steps}; set --integration_steps {state.get('integration_steps')}."
+            )
+        if list(state.get("frozen_components", [])) != self.frozen_components:
+            raise ValueError(
+                f"{source} was trained with frozen_components {state.get('frozen_components', [])} (displacement "
+                f"components held at 0), this run uses {self.frozen_components}; set --frozen_components to match."
             )
         ours, theirs = backbone_signature(self.network), state.get("backbone", {})
         if ours != theirs:

@@ -14,8 +14,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from custom.geometry import original_geometry, tre_world
 from custom.io import save_csv, save_json
-from custom.metrics import dice_per_label, hd95_per_label, jacobian_stats, tre_mm, warp_labels
+from custom.metrics import dice_per_label, hd95_per_label, jacobian_stats, warp_labels
+from custom.utils import plain
 
 CONVENTIONS = {
     "dice_<label>": "Dice in % of the moving reference label warped with nearest neighbour (border clamp) against "
@@ -27,8 +29,9 @@ CONVENTIONS = {
     "sdlogj": "standard deviation of log(det J) of x + u(x), det J from central differences (one-sided at the grid "
     "faces), clipped to [1e-9, 1e9], over the grid less 'jacobian_border' voxels per axis.",
     "neg_jac_percent": "% of the same voxels with det J <= 0 (folding).",
-    "tre_mm": "mean target registration error in mm: the displacement sampled linearly at the fixed keypoints "
-    "(voxel coordinates), added to them and compared with the moving keypoints, scaled by the voxel spacing.",
+    "tre_mm": "mean target registration error in mm: the fixed keypoints (voxel coordinates of the fixed file) moved "
+    "by the displacement (sampled linearly) and compared with the moving keypoints, in world coordinates (Learn2Reg's "
+    "definition when both files share one grid).",
 }
 
 
@@ -49,17 +52,32 @@ def nan_mean(values: torch.Tensor) -> float:
     return float(np.nanmean(values.cpu().numpy())) if not torch.isnan(values).all() else math.nan
 
 
+def keypoint_tre(ddf: torch.Tensor, refs: Mapping) -> float:
+    """Mean TRE (mm) of ``ddf`` ``(1, 3, *S)`` (registration grid) at the references' keypoints, in world space.
+
+    The keypoints are voxel coordinates of the original fixed and moving files; the references' metadata give the
+    registration grid and the original affines (``custom.geometry.tre_world``), so reorientation and resampling
+    before registration are accounted for. NaN without keypoints.
+    """
+    if "fixed_keypoints" not in refs or "moving_keypoints" not in refs:
+        return math.nan
+    reg, fixed_orig, _ = original_geometry(refs["fixed_reference"])
+    _, moving_orig, _ = original_geometry(refs["moving_reference"])
+    fk, mk = (plain(refs[k]).detach().cpu() for k in ("fixed_keypoints", "moving_keypoints"))
+    return float(tre_world(plain(ddf)[0].detach().cpu(), reg, fk, fixed_orig, mk, moving_orig).mean())
+
+
 def pair_metrics(
     ddf: torch.Tensor,
     fixed_reference=None,
     moving_reference=None,
     labels: Mapping[int, str] | None = None,
     spacing=None,
-    keypoints=None,
+    tre: float | None = None,
     jacobian_border: int | Sequence[int] = 2,
 ) -> dict:
     """One row: ``dice_<name>`` (%), ``hd95_<name>`` (mm), ``dice_mean``, ``hd95_mean``, ``sdlogj``,
-    ``neg_jac_percent`` and, with ``keypoints=(fixed, moving)`` ``(K, 3)`` voxel coordinates, ``tre_mm``.
+    ``neg_jac_percent`` and ``tre_mm`` when ``tre`` (from :func:`keypoint_tre`) is given.
 
     ``ddf`` ``(1, 3, *S)`` voxels; reference label maps ``(1, 1, *S)``; ``spacing`` the fixed voxel size (mm).
     """
@@ -74,8 +92,8 @@ def pair_metrics(
         row["dice_mean"] = nan_mean(dice)
         row["hd95_mean"] = nan_mean(hd)
     row.update({k: v for k, v in jacobian_stats(ddf, border=jacobian_border).items() if k != "neg_jac_count"})
-    if keypoints is not None:
-        row["tre_mm"] = float(tre_mm(ddf, keypoints[0], keypoints[1], spacing or (1, 1, 1)).mean())
+    if tre is not None and not math.isnan(tre):
+        row["tre_mm"] = float(tre)
     return row
 
 
@@ -108,3 +126,65 @@ def write_table(
         out_dir / f"{name}.json",
     )
     return summary
+
+
+CONVENTIONS.update(
+    {
+        "epe_mm": "end-point error against the true displacement, mm: |A (u - u_true)| with A the moving image's voxel "
+        "axes, averaged over the fixed image's original grid (where the data set stores the exact motion).",
+        "epe_<label>_mm": "the same, averaged inside the fixed ground-truth label.",
+        "epe_border_mm": "the same, in the band of 'border_band' voxels around every border between labels (where "
+        "organs slide).",
+        "through_plane_mm": "mean |through-plane displacement| in mm over the foreground where the truth has none "
+        "(thick-slice data: the axis whose spacing is over twice the others').",
+    }
+)
+
+
+def through_plane_axis(spacing) -> int | None:
+    """The slice axis of thick-slice data (spacing over twice every other axis's), else ``None``."""
+    sp = np.asarray(spacing, dtype=float)
+    k = int(np.argmax(sp))
+    others = np.delete(sp, k)
+    return k if others.size and sp[k] > 2 * others.max() else None
+
+
+def border_band(label: np.ndarray, width: int = 2) -> np.ndarray:
+    """Voxels within ``width`` voxels (chessboard) of a border between two labels."""
+    from scipy.ndimage import maximum_filter, minimum_filter
+
+    size = 2 * int(width) + 1
+    return maximum_filter(label, size=size) != minimum_filter(label, size=size)
+
+
+def epe_metrics(
+    disp: np.ndarray,
+    truth: np.ndarray,
+    moving_affine,
+    fixed_label: np.ndarray | None = None,
+    labels: Mapping[int, str] | None = None,
+    band: int = 2,
+) -> dict:
+    """End-point error columns (see ``CONVENTIONS``) of ``disp`` against ``truth``, both ``(3, *S)`` in the Learn2Reg
+    sense on the fixed image's original grid; ``moving_affine`` turns voxel differences into mm."""
+    if disp.shape != truth.shape:
+        raise ValueError(f"displacement {disp.shape} and true displacement {truth.shape} are on different grids")
+    lin = np.asarray(moving_affine, dtype=np.float64)[:3, :3]
+    err = np.linalg.norm(np.einsum("ij,j...->i...", lin, disp - truth), axis=0)
+    row = {"epe_mm": float(err.mean())}
+    if fixed_label is None:
+        return row
+    fixed_label = np.rint(fixed_label).astype(np.int64)
+    for k, name in (labels or {}).items():
+        inside = fixed_label == int(k)
+        if int(k) != 0 and inside.any():
+            row[f"epe_{name}_mm"] = float(err[inside].mean())
+    edge = border_band(fixed_label, band)
+    row["epe_border_mm"] = float(err[edge].mean()) if edge.any() else math.nan
+    axis = through_plane_axis(np.linalg.norm(lin, axis=0))
+    if axis is not None:
+        step = np.linalg.norm(lin[:, axis])
+        fg = (fixed_label > 0) & (np.abs(truth[axis]) * step < 1e-3)
+        if fg.any():
+            row["through_plane_mm"] = float(np.abs(disp[axis][fg]).mean() * step)
+    return row

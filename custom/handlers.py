@@ -16,19 +16,9 @@ import torch
 from ignite.metrics import Metric
 from ignite.metrics.metric import reinit__is_reduced, sync_all_reduce
 
-from custom.evaluation import nan_mean, references
-from custom.metrics import dice_per_label, jacobian_stats, tre_mm, warp_labels
+from custom.evaluation import keypoint_tre, nan_mean, references
+from custom.metrics import dice_per_label, jacobian_stats, warp_labels
 from custom.utils import plain
-
-
-def spacing_of(x, dims: int = 3) -> list[float]:
-    """Voxel size (mm) from a ``MetaTensor``'s affine; 1 mm per axis without one."""
-    affine = getattr(x, "affine", None)
-    if affine is None:
-        return [1.0] * dims
-    a = torch.as_tensor(affine).detach().cpu().double()
-    a = a[0] if a.ndim == 3 else a
-    return np.linalg.norm(a[:dims, :dims].numpy(), axis=0).tolist()
 
 
 def _batched(x) -> torch.Tensor:
@@ -102,19 +92,8 @@ class NegJacobianPercent(SDlogJ):
 
 
 class TRE(PerPairMetric):
-    """Mean target registration error (mm) at the pair's keypoints (``fixed_keypoints``/``moving_keypoints``).
-
-    ``spacing`` (mm) defaults to the voxel size of ``fixed_reference``; pairs without keypoints are not counted.
-    """
-
-    def __init__(self, spacing: Sequence[float] | None = None, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.spacing = spacing
+    """Mean target registration error (mm) at the pair's keypoints (``fixed_keypoints``/``moving_keypoints``), in
+    world space (``custom.evaluation.keypoint_tre``); pairs without keypoints are not counted."""
 
     def pair_value(self, item: Mapping) -> float:
-        refs = references(item)
-        if "fixed_keypoints" not in refs or "moving_keypoints" not in refs:
-            return float("nan")
-        spacing = self.spacing or spacing_of(refs["fixed_reference"])
-        ddf = _batched(item["ddf"])
-        return float(tre_mm(ddf, plain(refs["fixed_keypoints"]), plain(refs["moving_keypoints"]), spacing).mean())
+        return keypoint_tre(_batched(item["ddf"]), references(item))

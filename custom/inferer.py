@@ -25,7 +25,8 @@ class SegRegInferer(Inferer):
     label map (nearest) are warped.
 
     ``__call__(inputs, network, fixed_label, moving_label)``: ``inputs`` ``(B, 2, *S)`` = ``cat([moving, fixed])``,
-    label maps ``(B, 1, *S)``. Returns ``{"ddf": (B, D, *S) voxels, "warped_image": (B, 1, *S),
+    label maps ``(B, 1, *S)`` (``spacing`` is accepted and unused: the network works in voxels of its training grid).
+    Returns ``{"ddf": (B, D, *S) voxels, "warped_image": (B, 1, *S),
     "warped_label": (B, 1, *S)}``.
 
     Args:
@@ -39,6 +40,7 @@ class SegRegInferer(Inferer):
         region_ids: regions to register (``None`` = every id present in both images).
         amp: run the backbone (only) under autocast.
         global_region: register the whole pair as one region (the baseline: plain VoxelMorph on unmasked images).
+        frozen_components: displacement components held at 0 (``(2,)``: in-plane field for thick-slice data).
     """
 
     def __init__(
@@ -52,6 +54,7 @@ class SegRegInferer(Inferer):
         region_ids: Sequence[int] | None = None,
         amp: bool = False,
         global_region: bool = False,
+        frozen_components: Sequence[int] = (),
     ) -> None:
         super().__init__()
         if max_batch < 1:
@@ -59,12 +62,12 @@ class SegRegInferer(Inferer):
         self.margin, self.max_batch, self.divisor, self.crop = margin, max_batch, divisor, crop
         self.region_ids = None if region_ids is None else [int(r) for r in region_ids]
         self.amp, self.global_region = amp, global_region
-        self.integrate = VelocityToDisplacement(num_steps)
+        self.integrate = VelocityToDisplacement(num_steps, frozen_components)
         self.composer = FieldComposer(sigma=sigma)
         self.warp_image = Warp(mode="bilinear", padding_mode="border")
         self.warp_label = Warp(mode="nearest", padding_mode="border")
 
-    def __call__(self, inputs, network, fixed_label=None, moving_label=None, *args, **kwargs) -> dict:
+    def __call__(self, inputs, network, fixed_label=None, moving_label=None, *args, spacing=None, **kwargs) -> dict:
         if fixed_label is None or moving_label is None:
             raise ValueError("SegRegInferer needs fixed_label and moving_label (label maps, (B, 1, *S)).")
         inputs, fixed_label, moving_label = plain(inputs), plain(fixed_label), plain(moving_label)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -12,6 +13,7 @@ from monai.losses import DiceLoss
 from monai.networks.blocks import Warp
 from tqdm.auto import tqdm
 
+from custom.geometry import voxel_spacing
 from custom.losses import RegionDiffusionLoss, SegRegLoss
 from custom.mind import MINDSSCLoss
 from custom.networks import VelocityToDisplacement
@@ -81,7 +83,9 @@ class IterativeSegReg:
         lr: Adam learning rate at the start of each level (cosine decay to 5 % within the level).
         margin: crop margin in voxels (full resolution).
         grid_spacing: the field is optimised on a control grid this many times coarser than each level's image
-            grid and upsampled (linear); 1 = one parameter per voxel.
+            grid and upsampled (linear); 1 = one parameter per voxel. Ignored when ``grid_spacing_mm`` is set.
+        grid_spacing_mm: control-point spacing in mm (physical, the same on every axis; never finer than the level's
+            voxels), e.g. 8 mm: a 10 mm slice axis then keeps one control point per slice.
         min_size: an axis is never downsampled below this many voxels (thin axes such as 16 cine-MR slices).
         fov_value: fixed-image intensity at or below which a voxel lies outside the scanner's field of view (e.g. the
             padding of a cone-beam CT); a region with less than half of its fixed mask inside the field of view is
@@ -92,6 +96,11 @@ class IterativeSegReg:
         field: "displacement" or "velocity" (integrated with ``num_steps`` scaling and squaring steps).
         region_ids: regions to register (``None`` = every id present in both label maps).
         progress: show a tqdm progress bar per pair.
+        frozen_components: displacement components held at 0 (``(2,)``: in-plane field for thick-slice data).
+
+    The voxel spacing (``spacing`` argument of ``__call__``, else the fixed image's affine if it is a ``MetaTensor``,
+    else 1 mm) makes the regulariser and the control grid physical: each level's spacing is the image spacing scaled
+    by its downsampling.
     """
 
     def __init__(
@@ -110,6 +119,8 @@ class IterativeSegReg:
         region_ids: Sequence[int] | None = None,
         global_region: bool = False,
         progress: bool = True,
+        frozen_components: Sequence[int] = (),
+        grid_spacing_mm: float | None = None,
     ) -> None:
         if field not in ("displacement", "velocity"):
             raise ValueError(f"field must be 'displacement' or 'velocity', got {field!r}")
@@ -128,7 +139,8 @@ class IterativeSegReg:
         self.lr, self.margin = lr, margin
         self.region_ids = None if region_ids is None else [int(r) for r in region_ids]
         self.global_region, self.progress = global_region, progress
-        self.integrate = VelocityToDisplacement(num_steps if field == "velocity" else 0)
+        self.integrate = VelocityToDisplacement(num_steps if field == "velocity" else 0, frozen_components)
+        self.grid_spacing_mm = None if grid_spacing_mm is None else float(grid_spacing_mm)
         self.warp = Warp(mode="bilinear", padding_mode="zeros")
         self.warp_image = Warp(mode="bilinear", padding_mode="border")
         self.warp_label = Warp(mode="nearest", padding_mode="border")
@@ -161,21 +173,31 @@ class IterativeSegReg:
             return None, None
         return tuple(normalised_edt(m[0].cpu())[None].to(m.device) for m in (fixed_masks, moving_masks))
 
-    def objective(self, u: torch.Tensor, fi, mi, fm, mm, fe, me, rm, use_similarity: bool) -> torch.Tensor:
-        """The loss of field ``u`` (only the maps the mask loss needs are warped)."""
+    def objective(self, u: torch.Tensor, fi, mi, fm, mm, fe, me, rm, use_similarity: bool, spacing=None):
+        """The loss of field ``u`` (only the maps the mask loss needs are warped); ``spacing`` in mm per axis."""
         warped_mask = self.warp(mm, u) if self.loss.needs_mask else None
         warped_edt = self.warp(me, u) if self.loss.needs_edt else None
         warped = self.warp(mi, u) if use_similarity else None
-        out = self.loss(warped, fi, warped_mask, fm, u, warped_edt, fe, regions=rm, use_similarity=use_similarity)
+        out = self.loss(
+            warped, fi, warped_mask, fm, u, warped_edt, fe, regions=rm, use_similarity=use_similarity, spacing=spacing
+        )
         return out["loss"]
 
-    def optimise(self, task: RegionTask, bar=None) -> torch.Tensor:
-        """Displacement ``(1, D, *s)`` for one task, coarse to fine."""
+    def control_grid(self, size: Sequence[int], spacing: Sequence[float]) -> list[int]:
+        """Control-point counts per axis for a level of ``size`` voxels of ``spacing`` mm."""
+        if self.grid_spacing_mm is None:
+            return [max(2, -(-s // self.grid_spacing)) for s in size]
+        return [max(2, min(n, int(math.ceil((n - 1) * sp / self.grid_spacing_mm)) + 1)) for n, sp in zip(size, spacing)]
+
+    def optimise(self, task: RegionTask, bar=None, spacing: Sequence[float] | None = None) -> torch.Tensor:
+        """Displacement ``(1, D, *s)`` for one task, coarse to fine; ``spacing`` = full-resolution voxel size (mm)."""
         full = task.fixed.shape[2:]
+        spacing = [1.0] * len(full) if spacing is None else [float(s) for s in spacing]
         param = None
         for factor, n_it in zip(self.levels, self.iterations):
             size = [max(-(-s // factor), min(s, self.min_size)) for s in full]
-            grid = [max(2, -(-s // self.grid_spacing)) for s in size]
+            level_spacing = [sp * (n - 1) / max(m - 1, 1) for sp, n, m in zip(spacing, full, size)]
+            grid = self.control_grid(size, level_spacing)
             fi, mi = resize(task.fixed, size), resize(task.moving, size)
             fm, mm = resize(task.fixed_masks, size), resize(task.moving_masks, size)
             fe = None if task.fixed_edt is None else resize(task.fixed_edt, size)
@@ -193,7 +215,7 @@ class IterativeSegReg:
             for _ in range(n_it):
                 opt.zero_grad(set_to_none=True)
                 u = self.integrate(resize_field(param, size))
-                loss = self.objective(u, fi, mi, fm, mm, fe, me, rm, task.use_similarity)
+                loss = self.objective(u, fi, mi, fm, mm, fe, me, rm, task.use_similarity, level_spacing)
                 if loss.item() < best[0]:  # keep the best iterate: Adam's normalised steps can oscillate at the end
                     best = (loss.item(), param.detach().clone())
                 loss.backward()
@@ -205,7 +227,9 @@ class IterativeSegReg:
         with torch.no_grad():
             return self.integrate(resize_field(param.detach(), full))
 
-    def __call__(self, fixed, moving, fixed_label, moving_label) -> dict:
+    def __call__(self, fixed, moving, fixed_label, moving_label, spacing: Sequence[float] | None = None) -> dict:
+        if spacing is None and getattr(fixed, "affine", None) is not None:
+            spacing = voxel_spacing(fixed.affine).tolist()
         fixed, moving = plain(fixed).float(), plain(moving).float()
         for name, t in (("fixed", fixed), ("moving", moving)):
             if torch.isnan(t).any():
@@ -224,7 +248,7 @@ class IterativeSegReg:
         try:
             for i, task in enumerate(tasks):
                 bar.set_postfix(region=plan.regions[i])
-                plan.paste(ddf, i, self.optimise(task, bar))
+                plan.paste(ddf, i, self.optimise(task, bar, spacing))
         finally:
             bar.close()
         moving_label = plain(moving_label)
@@ -238,8 +262,9 @@ class IterativeSegReg:
 class IterativeInferer(Inferer):
     """MONAI ``Inferer`` around :class:`IterativeSegReg`, so evaluator configs can run the training-free mode.
 
-    ``__call__(inputs, network, fixed_label, moving_label)`` with ``inputs = cat([moving, fixed])`` ``(B, 2, *S)``
-    and label maps ``(B, 1, *S)`` returns ``{"ddf", "warped_image", "warped_label"}`` like ``SegRegInferer``.
+    ``__call__(inputs, network, fixed_label, moving_label, spacing=None)`` with ``inputs = cat([moving, fixed])``
+    ``(B, 2, *S)``, label maps ``(B, 1, *S)`` and the fixed voxel ``spacing`` (mm per axis, from ``PairBatch``)
+    returns ``{"ddf", "warped_image", "warped_label"}`` like ``SegRegInferer``.
     ``network`` is ignored (the field is optimised per pair); gradients are enabled inside even when the evaluator
     runs under ``torch.no_grad``. Keyword arguments go to :class:`IterativeSegReg`.
     """
@@ -248,7 +273,7 @@ class IterativeInferer(Inferer):
         super().__init__()
         self.optimiser = IterativeSegReg(**kwargs)
 
-    def __call__(self, inputs, network=None, fixed_label=None, moving_label=None, *args, **kwargs) -> dict:
+    def __call__(self, inputs, network=None, fixed_label=None, moving_label=None, spacing=None, **kwargs) -> dict:
         if fixed_label is None or moving_label is None:
             raise ValueError("IterativeInferer needs fixed_label and moving_label (label maps, (B, 1, *S)).")
         inputs = plain(inputs)
@@ -259,7 +284,11 @@ class IterativeInferer(Inferer):
             for b in range(inputs.shape[0]):
                 outs.append(
                     self.optimiser(
-                        inputs[b : b + 1, 1:], inputs[b : b + 1, :1], fixed_label[b : b + 1], moving_label[b : b + 1]
+                        inputs[b : b + 1, 1:],
+                        inputs[b : b + 1, :1],
+                        fixed_label[b : b + 1],
+                        moving_label[b : b + 1],
+                        spacing=spacing,
                     )
                 )
         return {k: torch.cat([o[k].detach() for o in outs]) for k in ("ddf", "warped_image", "warped_label")}

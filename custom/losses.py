@@ -8,7 +8,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 from monai.losses import DiceLoss
@@ -65,26 +65,39 @@ class EDTDiceLoss(_Loss):
 
 
 class RegionDiffusionLoss(_Loss):
-    """L2 diffusion regulariser summed within regions: no finite difference crosses a region border.
+    """L2 diffusion regulariser summed within regions, per millimetre: no finite difference crosses a region border.
 
-    ``forward(ddf, regions=None)``: ``ddf`` ``(B, D, *S)``; ``regions`` ``(B, N, *S)`` one-hot (or soft) fixed-space
-    masks. The forward difference between voxels x and x+e_k is weighted by ``w = sum_i S_i(x) S_i(x+e_k)`` (1 when
-    both lie in the same region, 0 across a border). Per case: sum over axes k of the weighted mean
-    ``sum(w * mean_c (u_c(x+e_k) - u_c(x))^2) / sum(w)``, so the scale does not depend on the region's size.
-    With ``regions=None`` every pair counts (plain global diffusion). ``reduction``: "mean" / "sum" over the batch,
+    ``forward(ddf, regions=None, spacing=None)``: ``ddf`` ``(B, D, *S)`` in voxels; ``regions`` ``(B, N, *S)`` one-hot
+    (or soft) fixed-space masks; ``spacing`` the voxel size in mm per axis (overrides the constructor's; ``None`` =
+    isotropic 1 mm, i.e. voxel units). Component c is converted to mm (``u_c * s_c``) and its forward difference along
+    axis k is divided by ``s_k``, so the gradient is in mm/mm and a 10 mm slice step costs what it physically is.
+    The difference between voxels x and x+e_k is weighted by ``w = sum_i S_i(x) S_i(x+e_k)`` (1 when both lie in the
+    same region, 0 across a border). Per case: sum over axes k of the weighted mean
+    ``sum(w * mean_c (du_c/dx_k)^2) / sum(w)``, so the scale does not depend on the region's size. With
+    ``regions=None`` every pair counts (plain global diffusion). ``reduction``: "mean" / "sum" over the batch,
     "none" gives ``(B,)``.
     """
 
-    def forward(self, ddf: torch.Tensor, regions: torch.Tensor | None = None) -> torch.Tensor:
-        spatial = ddf.ndim - 2
+    def __init__(self, spacing: Sequence[float] | None = None, reduction: str = "mean") -> None:
+        super().__init__(reduction=reduction)
+        self.spacing = None if spacing is None else [float(s) for s in spacing]
+
+    def forward(self, ddf: torch.Tensor, regions: torch.Tensor | None = None, spacing=None) -> torch.Tensor:
+        dims = ddf.ndim - 2
         if regions is not None and (regions.shape[0] != ddf.shape[0] or regions.shape[2:] != ddf.shape[2:]):
             raise ValueError(f"regions {tuple(regions.shape)} do not match ddf {tuple(ddf.shape)}")
+        sp = spacing if spacing is not None else self.spacing
+        sp = [1.0] * dims if sp is None else [float(s) for s in sp]
+        if len(sp) != dims:
+            raise ValueError(f"spacing {sp} must give one value per spatial axis ({dims})")
+        if ddf.shape[1] == dims:
+            ddf = ddf * torch.as_tensor(sp, dtype=ddf.dtype, device=ddf.device).view((1, -1) + (1,) * dims)
         total = ddf.new_zeros((ddf.shape[0],))
-        for axis in range(2, 2 + spatial):
-            n = ddf.shape[axis]
+        for k in range(dims):
+            axis, n = 2 + k, ddf.shape[2 + k]
             if n < 2:
                 continue
-            diff = ddf.narrow(axis, 1, n - 1) - ddf.narrow(axis, 0, n - 1)
+            diff = (ddf.narrow(axis, 1, n - 1) - ddf.narrow(axis, 0, n - 1)) / sp[k]
             sq = (diff * diff).mean(1, keepdim=True).flatten(1)
             if regions is None:
                 total = total + sq.mean(1)
@@ -110,7 +123,7 @@ class SegRegLoss(torch.nn.Module):
     ``forward(warped, fixed, warped_mask, fixed_mask, ddf, warped_edt=None, fixed_edt=None, regions=None)`` with
     images ``(B, 1, *S)``, masks / EDT maps ``(B, C, *S)`` and ``ddf`` ``(B, D, *S)`` returns a dict of scalars:
     ``loss`` (total), ``sim``, ``mask``, ``reg``. ``use_similarity=False`` drops the image term (a region outside
-    the fixed field of view).
+    the fixed field of view); ``spacing`` (mm per axis) reaches a spacing-aware regulariser.
     """
 
     DEFAULT_WEIGHTS = {"sim": 1.0, "mask": 0.1, "reg": 0.01}
@@ -153,10 +166,11 @@ class SegRegLoss(torch.nn.Module):
             args += [pred, target]
         return self.mask(*args)
 
-    def reg_term(self, ddf: torch.Tensor, regions: torch.Tensor | None = None) -> torch.Tensor:
-        if regions is None or not isinstance(self.reg, RegionDiffusionLoss):
+    def reg_term(self, ddf: torch.Tensor, regions: torch.Tensor | None = None, spacing=None) -> torch.Tensor:
+        """The regulariser; ``regions`` and ``spacing`` (mm per axis) reach a :class:`RegionDiffusionLoss`."""
+        if not isinstance(self.reg, RegionDiffusionLoss):
             return self.reg(ddf)
-        return self.reg(ddf, regions)
+        return self.reg(ddf, regions, spacing)
 
     def forward(
         self,
@@ -169,9 +183,10 @@ class SegRegLoss(torch.nn.Module):
         fixed_edt=None,
         regions=None,
         use_similarity: bool = True,
+        spacing=None,
     ) -> dict:
         sim = self.sim(warped, fixed) if use_similarity else ddf.new_zeros(())
         mask = self.mask_term(warped_mask, fixed_mask, warped_edt, fixed_edt)
-        reg = self.reg_term(ddf, regions)
+        reg = self.reg_term(ddf, regions, spacing)
         total = self.weights["sim"] * sim + self.weights["mask"] * mask + self.weights["reg"] * reg
         return {"loss": total, "sim": sim.detach(), "mask": mask.detach(), "reg": reg.detach()}

@@ -44,15 +44,26 @@ class VelocityToDisplacement(torch.nn.Module):
 
     ``(B, D, *S)`` velocity in voxels -> ``(B, D, *S)`` displacement in voxels. ``num_steps=0`` returns the input
     (the backbone output is then used as a displacement directly). Integration never runs under AMP (docs/design.md).
+    ``frozen_components``: displacement components held at 0, e.g. ``(2,)`` for an in-plane field on thick-slice
+    data (cine MR); a zero velocity component stays exactly zero through scaling and squaring.
     """
 
-    def __init__(self, num_steps: int = 7) -> None:
+    def __init__(self, num_steps: int = 7, frozen_components: Sequence[int] = ()) -> None:
         super().__init__()
         self.num_steps = num_steps
+        self.frozen = sorted({int(c) for c in (frozen_components or ())})
         self.integrate = DVF2DDF(num_steps=num_steps) if num_steps > 0 else None
 
     def forward(self, velocity: torch.Tensor) -> torch.Tensor:
         velocity = velocity.float()
+        if self.frozen:
+            if max(self.frozen) >= velocity.shape[1]:
+                raise ValueError(
+                    f"frozen_components {self.frozen} do not exist in a {velocity.shape[1]}-component field"
+                )
+            keep = torch.ones(velocity.shape[1], device=velocity.device, dtype=velocity.dtype)
+            keep[self.frozen] = 0
+            velocity = velocity * keep.view((1, -1) + (1,) * (velocity.ndim - 2))
         if self.integrate is None:
             return velocity
         with torch.autocast(device_type=velocity.device.type, enabled=False):

@@ -14,6 +14,7 @@ import torch
 from monai.engines import PrepareBatch
 from monai.networks.blocks import Warp
 
+from custom.geometry import voxel_spacing
 from custom.losses import SegRegLoss
 from custom.networks import VelocityToDisplacement
 from custom.utils import plain
@@ -29,7 +30,8 @@ class RegionPairBatch(PrepareBatch):
     """Trainer batch from :class:`~custom.region_pair.RandRegionPaird` (or ``GlobalRegiond``) outputs.
 
     Returns ``(cat([moving, fixed], 1), targets)`` with images ``(B, 1, *S)`` and ``targets`` a dict of
-    ``TARGET_KEYS`` (masked images, masks ``(B, C, *S)`` and EDT maps) read from ``<prefix>{fixed,moving}_region_*``.
+    ``TARGET_KEYS`` (masked images, masks ``(B, C, *S)`` and EDT maps) read from ``<prefix>{fixed,moving}_region_*``,
+    plus ``spacing`` (mm per axis, from the fixed image's affine; ``None`` without one) for the regulariser.
     """
 
     def __init__(self, prefix: str = "") -> None:
@@ -45,13 +47,16 @@ class RegionPairBatch(PrepareBatch):
                     raise KeyError(f"batch has no {key!r}; put RandRegionPaird or GlobalRegiond in the preprocessing")
                 targets[f"{side}_{kind}"] = _to(batchdata[key], device, non_blocking)
         inputs = torch.cat([targets["moving_image"], targets["fixed_image"]], dim=1)
+        affine = getattr(batchdata.get("fixed_image"), "affine", None)
+        targets["spacing"] = None if affine is None else voxel_spacing(affine).tolist()
         return inputs, targets
 
 
 class PairBatch(PrepareBatch):
     """Evaluator batch: ``(cat([moving, fixed], 1), references, (), {"fixed_label", "moving_label"})``.
 
-    The label maps ``(B, 1, *S)`` that drive the registration reach the inferer as keyword arguments. The evaluator's
+    The label maps ``(B, 1, *S)`` that drive the registration and the fixed voxel ``spacing`` (mm per axis) reach
+    the inferer as keyword arguments. The evaluator's
     ``label`` is a dict of references, the one thing every metric and the written table score against
     (``custom.evaluation.references`` reads it):
 
@@ -91,7 +96,9 @@ class PairBatch(PrepareBatch):
             key = f"{side}_keypoints"
             if key in batchdata:
                 refs[key] = _to(batchdata[key], device, non_blocking)
-        return inputs, refs, (), {"fixed_label": fl, "moving_label": ml}
+        affine = getattr(batchdata[self.keys[0]], "affine", None)
+        spacing = None if affine is None else voxel_spacing(affine).tolist()
+        return inputs, refs, (), {"fixed_label": fl, "moving_label": ml, "spacing": spacing}
 
 
 class RegionPairLoss(torch.nn.Module):
@@ -100,14 +107,15 @@ class RegionPairLoss(torch.nn.Module):
     ``velocity`` ``(B, D, *S)`` (backbone output, voxels) is integrated by scaling and squaring (``num_steps``,
     float32, outside autocast); the moving masked image (bilinear), mask and EDT maps are warped with it and
     compared with the fixed ones by ``loss`` (:class:`~custom.losses.SegRegLoss`, built in the config with
-    ``_target_``). The last components (``sim``, ``mask``, ``reg``) are kept in ``self.last`` for logging.
+    ``_target_``); ``targets["spacing"]`` reaches a spacing-aware regulariser, ``frozen_components`` are held at 0
+    (in-plane field). The last components (``sim``, ``mask``, ``reg``) are kept in ``self.last`` for logging.
     """
 
-    def __init__(self, loss: SegRegLoss, num_steps: int = 7) -> None:
+    def __init__(self, loss: SegRegLoss, num_steps: int = 7, frozen_components=()) -> None:
         super().__init__()
         if not isinstance(loss, SegRegLoss):
             raise TypeError(f"RegionPairLoss needs a custom.losses.SegRegLoss, got {type(loss).__name__}")
-        self.integrate = VelocityToDisplacement(num_steps)
+        self.integrate = VelocityToDisplacement(num_steps, frozen_components)
         self.warp = Warp(mode="bilinear", padding_mode="border")
         self.loss = loss
         self.last: dict = {}
@@ -128,6 +136,7 @@ class RegionPairLoss(torch.nn.Module):
                 ddf,
                 warped_edt,
                 targets["fixed_edt"].float(),
+                spacing=targets.get("spacing"),
             )
         self.last = {k: float(v.detach()) for k, v in out.items()}
         return out["loss"]

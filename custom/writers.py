@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from custom.evaluation import pair_metrics, references, write_table
+from custom.evaluation import epe_metrics, keypoint_tre, pair_metrics, references, write_table
 from custom.figures import registration_figure
-from custom.io import learn2reg_disp_name, save_displacement, save_nifti
+from custom.geometry import displacement_to_grid, labels_to_grid, original_geometry, voxel_spacing, warp_volume
+from custom.io import learn2reg_disp_name, load_nifti, save_displacement, save_nifti
 from custom.utils import plain
 
 logger = logging.getLogger(__name__)
@@ -19,11 +20,6 @@ logger = logging.getLogger(__name__)
 
 def _meta(x) -> dict:
     return dict(getattr(x, "meta", {}) or {})
-
-
-def _affine(x) -> np.ndarray:
-    aff = getattr(x, "affine", None)
-    return np.eye(4) if aff is None else np.asarray(torch.as_tensor(aff).cpu(), dtype=np.float64)
 
 
 def _stem(path) -> str:
@@ -48,8 +44,11 @@ class RegistrationWriter:
     atomically):
 
     - ``<output_dir>/submission/disp_<fixed>_<moving>.nii.gz`` (``naming="learn2reg"``) or
-      ``<output_dir>/displacements/<pair>.nii.gz`` (``naming="pair"``): ``(X, Y, Z, 3)`` voxels, fixed grid;
-    - ``<output_dir>/warped/<pair>_image.nii.gz`` and ``<pair>_label.nii.gz`` (``save_warped``);
+      ``<output_dir>/displacements/<pair>.nii.gz`` (``naming="pair"``): ``(X, Y, Z, 3)`` voxels on the fixed image's
+      *original* grid and header (the registration grid's field carried over by
+      ``custom.geometry.displacement_to_grid``);
+    - ``<output_dir>/warped/<pair>_image.nii.gz`` and ``<pair>_label.nii.gz`` (``save_warped``): the original moving
+      files warped onto the original fixed grid;
     - ``<output_dir>/<table_name>.csv`` and ``.json`` (rows + mean/std) when the run completes.
 
     Args:
@@ -61,6 +60,10 @@ class RegistrationWriter:
         keypoints: compute TRE where the output has ``fixed_keypoints``/``moving_keypoints``.
         save_figures: also write ``<output_dir>/figures/<pair>.png`` (fixed / moving / warped / grid / det J).
         jacobian_border: voxels dropped per axis for SDlogJ and % det J <= 0 (one int or one per axis).
+        border_band: width (voxels) of the band around label borders for ``epe_border_mm``.
+
+    Where the batch record names a ``true_displacement`` file (the synthetic sets store the exact motion), the row
+    also gets end-point errors in mm (``custom.evaluation.epe_metrics``).
     """
 
     def __init__(
@@ -73,6 +76,7 @@ class RegistrationWriter:
         keypoints: bool = True,
         save_figures: bool = False,
         jacobian_border: int | Sequence[int] = 2,
+        border_band: int = 2,
     ) -> None:
         if naming not in ("pair", "learn2reg"):
             raise ValueError(f"naming must be 'pair' or 'learn2reg', got {naming!r}")
@@ -81,6 +85,7 @@ class RegistrationWriter:
         self.table_name, self.naming, self.save_warped, self.keypoints = table_name, naming, save_warped, keypoints
         self.save_figures = save_figures
         self.jacobian_border = jacobian_border if isinstance(jacobian_border, int) else list(jacobian_border)
+        self.border_band = int(border_band)
         self.rows: list[dict] = []
         self.summary: dict = {}
 
@@ -108,47 +113,65 @@ class RegistrationWriter:
         return learn2reg_disp_name(f, m)[:-7] if self.naming == "learn2reg" else f"{_stem(f)}__{_stem(m)}"
 
     def write_pair(self, b: Mapping, o: Mapping) -> dict:
-        """Write one pair's files; return its metric row."""
+        """Write one pair's files (on the fixed image's original grid); return its metric row."""
         pred = o["pred"] if isinstance(o.get("pred"), Mapping) else o
         refs = references(o)
         fl, ml = (plain(refs[k]).detach().float().cpu()[None] for k in ("fixed_reference", "moving_reference"))
-        kp = None
-        if self.keypoints and "fixed_keypoints" in refs and "moving_keypoints" in refs:
-            kp = tuple(plain(refs[k]).detach().cpu() for k in ("fixed_keypoints", "moving_keypoints"))
         ddf = plain(pred["ddf"]).detach().float().cpu()[None]
-        fixed = b["fixed_image"]
-        affine = _affine(fixed)
-        spacing = np.linalg.norm(affine[:3, :3], axis=0).tolist()
+        fixed, moving = b["fixed_image"], b["moving_image"]
+        reg_affine, fixed_affine, fixed_shape = original_geometry(fixed)
+        _, moving_affine, _ = original_geometry(moving)
+        spacing = voxel_spacing(reg_affine).tolist()
         name = self.pair_name(b)
+        disp = displacement_to_grid(ddf[0], reg_affine, fixed_affine, fixed_shape, moving_affine)
+        if not torch.isfinite(disp).all():
+            raise ValueError(f"the displacement of {name} is not finite; nothing is written for it")
+        f, m = (_meta(b[k]).get("filename_or_obj", "") for k in ("fixed_image", "moving_image"))
         if self.naming == "learn2reg":
-            f, m = (_meta(b[k]).get("filename_or_obj", "") for k in ("fixed_image", "moving_image"))
-            save_displacement(ddf[0].numpy(), self.output_dir / "submission" / learn2reg_disp_name(f, m), affine)
+            save_displacement(disp.numpy(), self.output_dir / "submission" / learn2reg_disp_name(f, m), fixed_affine)
         else:
-            save_displacement(ddf[0].numpy(), self.output_dir / "displacements" / f"{name}.nii.gz", affine)
-        warped_label = plain(pred["warped_label"]).detach().cpu()[None]
+            save_displacement(disp.numpy(), self.output_dir / "displacements" / f"{name}.nii.gz", fixed_affine)
         if self.save_warped:
-            save_nifti(
-                plain(pred["warped_image"]).detach().cpu()[0].numpy(),
-                self.output_dir / "warped" / f"{name}_image.nii.gz",
-                affine,
-                dtype=np.float32,
-            )
-            save_nifti(
-                warped_label[0, 0].numpy(), self.output_dir / "warped" / f"{name}_label.nii.gz", affine, dtype=np.int16
-            )
+            self.save_warped_files(b, disp, fixed_affine, name)
         if self.save_figures:
-            images = [plain(x).detach().float().cpu()[None] for x in (fixed, b["moving_image"], pred["warped_image"])]
+            images = [plain(x).detach().float().cpu()[None] for x in (fixed, moving, pred["warped_image"])]
             registration_figure(*images, ddf, self.output_dir / "figures" / f"{name}.png", title=name)
         row = {"pair": name}
-        row.update(pair_metrics(ddf, fl, ml, self.labels, spacing, kp, self.jacobian_border))
-        logger.info("%s: %s", name, ", ".join(f"{k} {v:.3f}" for k, v in row.items() if k.endswith("mean")))
+        tre = keypoint_tre(ddf, refs) if self.keypoints else None
+        row.update(pair_metrics(ddf, fl, ml, self.labels, spacing, tre, self.jacobian_border))
+        truth = b.get("true_displacement")
+        if isinstance(truth, (str, Path)) and Path(truth).is_file():
+            row.update(self.epe_row(disp, truth, moving_affine, refs))
+        logger.info("%s: %s", name, ", ".join(f"{k} {v:.3f}" for k, v in row.items() if k.endswith(("mean", "mm"))))
         return row
+
+    def save_warped_files(self, b: Mapping, disp: torch.Tensor, fixed_affine, name: str) -> None:
+        """The original moving image (linear) and label map (nearest) warped onto the original fixed grid."""
+        for key, mode, kind, dtype in (
+            ("moving_image", "bilinear", "image", np.float32),
+            ("moving_label", "nearest", "label", np.int16),
+        ):
+            path = _meta(b.get(key)).get("filename_or_obj") if key in b else None
+            if not path:
+                continue
+            volume = torch.as_tensor(np.asarray(load_nifti(path)[0], dtype=np.float32))
+            warped = warp_volume(volume, disp, mode).numpy()
+            save_nifti(warped, self.output_dir / "warped" / f"{name}_{kind}.nii.gz", fixed_affine, dtype=dtype)
+
+    def epe_row(self, disp: torch.Tensor, truth_path, moving_affine, refs: Mapping) -> dict:
+        """End-point error columns against the true displacement file (original fixed grid); regions from the fixed
+        reference label map (as the registration used its ids) carried back onto that grid."""
+        truth = np.moveaxis(np.asarray(load_nifti(truth_path)[0], dtype=np.float32), -1, 0)
+        ref = refs["fixed_reference"]
+        reg_affine, fixed_affine, fixed_shape = original_geometry(ref)
+        label = labels_to_grid(plain(ref).detach().cpu()[0], reg_affine, fixed_affine, fixed_shape).numpy()
+        return epe_metrics(disp.numpy(), truth, moving_affine, label, self.labels, self.border_band)
 
     def write_table(self, engine=None) -> dict:
         if not self.rows:
             logger.warning("RegistrationWriter: no pairs were evaluated, no table written")
             return {}
-        settings = {"jacobian_border": self.jacobian_border, "pairs": len(self.rows)}
+        settings = {"jacobian_border": self.jacobian_border, "border_band": self.border_band, "pairs": len(self.rows)}
         self.summary = write_table(self.rows, self.output_dir, self.table_name, settings)
         shown = {k: v["mean"] for k, v in self.summary.items() if k in ("dice_mean", "hd95_mean", "sdlogj", "tre_mm")}
         logger.info("%s over %d pairs: %s", self.table_name, len(self.rows), shown)

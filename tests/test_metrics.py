@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import requires_cuda
+from monai.data import MetaTensor
 from scipy.ndimage import map_coordinates
 
 from custom.handlers import TRE, NegJacobianPercent, RegistrationDice, SDlogJ
@@ -126,9 +127,10 @@ def test_tre_handler_matches_scipy_and_skips_pairs_without_keypoints():
     fp, mp = rng.uniform(1, 7, (20, 3)), rng.uniform(1, 7, (20, 3))
     disp = np.stack([map_coordinates(ddf[c], fp.T, order=1) for c in range(3)], 1)
     ref = np.linalg.norm((fp + disp - mp) * [1.5, 1.0, 2.0], axis=1).mean()
-    label = torch.zeros(1, 1, 10, 9, 8)
+    affine = torch.diag(torch.tensor([1.5, 1.0, 2.0, 1.0], dtype=torch.float64))
+    label = MetaTensor(torch.zeros(1, 1, 10, 9, 8), affine=affine, meta={"original_affine": affine.numpy()})
     item = _item(torch.as_tensor(ddf)[None], label, label)
-    t = TRE(spacing=(1.5, 1.0, 2.0))
+    t = TRE()
     t.reset()
     t.update([dict(item, fixed_keypoints=torch.as_tensor(fp), moving_keypoints=torch.as_tensor(mp)), item])
     assert t.compute() == pytest.approx(ref, rel=1e-4)

@@ -114,7 +114,7 @@ def test_batches_follow_the_voxelmorph_channel_order():
     assert torch.equal(inputs[:, 0:1], pair["moving_image"]) and torch.equal(
         refs["fixed_reference"], pair["fixed_label"]
     )
-    assert set(kwargs) == {"fixed_label", "moving_label"} and args == ()
+    assert set(kwargs) == {"fixed_label", "moving_label", "spacing"} and args == ()
     # with ground truth in the batch, the references are the ground truth while the labels still drive registration
     gt = {"fixed_gt": t["fixed_mask"] * 2, "moving_gt": t["moving_mask"] * 3, "fixed_keypoints": torch.ones(1, 4, 3)}
     _, refs, _, kwargs = PairBatch()({**pair, **gt})

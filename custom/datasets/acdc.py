@@ -38,7 +38,7 @@ def acdc_pairs(
     label_dir: str | Path | None = None,
 ) -> list[dict]:
     """Pair records ``{fixed_image, moving_image, fixed_label, moving_label, patient, direction, pair_id}``
-    (+ ``fixed_gt``/``moving_gt``).
+    (+ ``fixed_gt``/``moving_gt``, + ``true_displacement`` where ``patientXXX_disp_<direction>.nii.gz`` exists).
 
     ``directions``: "ES_ED" = fixed ES, moving ED; "ED_ES" the reverse. ``patients``: restrict to these ids.
     ``label_dir``: take label maps from this folder (e.g. nnU-Net predictions named like the images,
@@ -75,6 +75,9 @@ def acdc_pairs(
             }
             if gts[fixed].exists() and gts[moving].exists():
                 rec["fixed_gt"], rec["moving_gt"] = str(gts[fixed]), str(gts[moving])
+            truth = pdir / f"{pid}_disp_{d}.nii.gz"  # exact motion, where a (synthetic) set stores it
+            if truth.exists():
+                rec["true_displacement"] = str(truth)
             records.append(rec)
     return records
 

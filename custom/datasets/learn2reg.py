@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from custom.io import learn2reg_case_id
+from custom.io import learn2reg_case_id, learn2reg_disp_name
 
 
 def load_dataset_json(path: str | Path) -> dict:
@@ -50,7 +50,8 @@ def keypoint_pair(root: Path, fixed: str, moving: str) -> tuple[Path, Path] | No
 def learn2reg_pairs(
     json_path: str | Path, split: str = "registration_val", label_dir: str = "labelsTr", keypoints: bool = True
 ) -> list[dict]:
-    """Pair records ``{fixed_image, moving_image[, fixed_label, moving_label][, fixed_keypoints, moving_keypoints]}``.
+    """Pair records ``{fixed_image, moving_image[, fixed_label, moving_label][, fixed_keypoints, moving_keypoints]
+    [, true_displacement]}`` (the last where ``gtdisp/disp_<fixed>_<moving>.nii.gz`` holds the exact motion).
 
     ``split``: a pair list of the JSON (``registration_val``, ``training_paired_images``, ...) or "training_all" for
     every ordered pair of distinct ``training`` images (inter-subject training). ``label_dir``: folder beside
@@ -76,6 +77,9 @@ def learn2reg_pairs(
             lab = Path(rec[f"{k}_image"].replace("/imagesTr/", f"/{label_dir}/"))
             if lab.exists():
                 rec[f"{k}_label"] = str(lab)
+        truth = root / "gtdisp" / learn2reg_disp_name(rec["fixed_image"], rec["moving_image"])
+        if truth.exists():  # exact motion, where a (synthetic) set stores it
+            rec["true_displacement"] = str(truth)
         if keypoints:
             kp = keypoint_pair(root, rec["fixed_image"], rec["moving_image"])
             if kp is not None:

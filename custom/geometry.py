@@ -1,0 +1,173 @@
+"""Physical space: affines, world-space displacements, and displacements moved between grids.
+
+A displacement ``ddf`` ``(3, *S)`` on a grid with affine ``A`` (voxel -> world mm) maps fixed voxel ``x`` to the moving
+point at voxel ``x + ddf(x)`` of the *same* grid, i.e. to world ``A (x + ddf(x))``; its world (mm) vector is
+``A[:3, :3] ddf(x)``. Registration may run on a preprocessed grid (reoriented, resampled, cropped); the files users get
+are on the fixed image's *original* grid: :func:`displacement_to_grid` carries a field over, in the Learn2Reg sense
+``disp(i) = (moving voxel coordinate of the point fixed voxel i maps to) - i``, so
+``map_coordinates(moving_array, identity + disp)`` warps the original moving file onto the original fixed grid
+(the usual fixed-grid voxel displacement when both images share a grid).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def as_affine(affine) -> np.ndarray:
+    """A ``(4, 4)`` float64 numpy affine from a tensor/array (a batched ``(1, 4, 4)`` one is squeezed)."""
+    a = np.asarray(torch.as_tensor(affine).detach().cpu().double().numpy() if torch.is_tensor(affine) else affine)
+    a = a[0] if a.ndim == 3 else a
+    if a.shape != (4, 4):
+        raise ValueError(f"expected a 4x4 affine, got shape {a.shape}")
+    return a.astype(np.float64)
+
+
+def voxel_spacing(affine) -> np.ndarray:
+    """Voxel size in mm per array axis (column norms of the affine's linear part)."""
+    return np.linalg.norm(as_affine(affine)[:3, :3], axis=0)
+
+
+def world_box(affine, shape: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """(min, max) world corners (mm) of a grid's voxel centres."""
+    a = as_affine(affine)
+    corners = np.array(np.meshgrid(*[[0, n - 1] for n in shape], indexing="ij")).reshape(3, -1)
+    world = a[:3, :3] @ corners + a[:3, 3:4]
+    return world.min(1), world.max(1)
+
+
+def overlap_fraction(fixed_affine, fixed_shape, moving_affine, moving_shape) -> float:
+    """Fraction of the fixed grid's world box covered by the moving grid's world box (0 = disjoint)."""
+    (f0, f1), (m0, m1) = world_box(fixed_affine, fixed_shape), world_box(moving_affine, moving_shape)
+    inter = np.clip(np.minimum(f1, m1) - np.maximum(f0, m0), 0, None)
+    size = np.maximum(f1 - f0, 1e-6)
+    return float(np.prod(np.where(f1 - f0 > 1e-6, inter / size, (inter >= 0).astype(float))))
+
+
+def same_grid(affine_a, shape_a, affine_b, shape_b, atol: float = 1e-3) -> bool:
+    """Whether two grids have the same shape and affine (within ``atol`` mm)."""
+    return tuple(shape_a) == tuple(shape_b) and np.allclose(as_affine(affine_a), as_affine(affine_b), atol=atol)
+
+
+def world_displacement(ddf: torch.Tensor, affine) -> torch.Tensor:
+    """``(B, 3, *S)`` voxel displacement -> the same field in world mm (``A[:3, :3] u``)."""
+    lin = torch.as_tensor(as_affine(affine)[:3, :3], dtype=ddf.dtype, device=ddf.device)
+    return torch.einsum("ij,bj...->bi...", lin, ddf)
+
+
+def _sample(field: torch.Tensor, coords: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
+    """Samples ``(C, N)`` of ``field`` ``(C, X, Y, Z)`` at voxel coordinates ``coords`` ``(3, N)`` (border clamp)."""
+    shape = field.shape[1:]
+    norm = torch.stack([coords[d] * 2 / max(shape[d] - 1, 1) - 1 for d in range(3)], -1).flip(-1)
+    out = F.grid_sample(field[None], norm.view(1, -1, 1, 1, 3), mode=mode, padding_mode="border", align_corners=True)
+    return out.view(field.shape[0], -1)
+
+
+def labels_to_grid(label: torch.Tensor, src_affine, dst_affine, dst_shape: Sequence[int]) -> torch.Tensor:
+    """A label map ``(*S)`` on a grid with ``src_affine`` resampled (nearest, through world space) onto another grid
+    ``(*dst_shape)`` (e.g. back onto the fixed image's original grid)."""
+    label = label.float()
+    if same_grid(src_affine, label.shape, dst_affine, dst_shape, atol=1e-6):
+        return label.clone()
+    m = torch.as_tensor(np.linalg.inv(as_affine(src_affine)) @ as_affine(dst_affine), device=label.device)
+    idx = torch.stack(torch.meshgrid(*[torch.arange(int(n), device=label.device) for n in dst_shape], indexing="ij"))
+    coords = (m[:3, :3] @ idx.reshape(3, -1).double() + m[:3, 3:4]).float()
+    return _sample(label[None], coords, "nearest").view(tuple(int(n) for n in dst_shape))
+
+
+def displacement_to_grid(
+    ddf: torch.Tensor,
+    src_affine,
+    dst_affine,
+    dst_shape: Sequence[int],
+    moving_affine=None,
+    chunk: int = 2**21,
+) -> torch.Tensor:
+    """Carry a fixed-grid displacement from the registration grid to another grid of the fixed image.
+
+    Args:
+        ddf: ``(3, *S)`` voxels of the source grid (registration grid, affine ``src_affine``).
+        dst_affine, dst_shape: the destination grid (e.g. the fixed image's original grid).
+        moving_affine: the affine of the moving image the result indexes (default ``dst_affine``, as in Learn2Reg
+            where fixed and moving share a grid).
+        chunk: voxels processed at once (bounds memory).
+
+    Returns:
+        ``(3, *dst_shape)`` float32: moving voxel coordinate of each destination voxel's image point, minus its index.
+    """
+    src, dst = as_affine(src_affine), as_affine(dst_affine)
+    mov = dst if moving_affine is None else as_affine(moving_affine)
+    ddf = ddf.float()
+    if same_grid(src, ddf.shape[1:], dst, dst_shape, atol=1e-6) and np.allclose(mov, dst, atol=1e-6):
+        return ddf.clone()
+    dev = ddf.device
+    t = lambda a: torch.as_tensor(a, dtype=torch.float64, device=dev)  # noqa: E731
+    src_inv, mov_inv = t(np.linalg.inv(src)), t(np.linalg.inv(mov))
+    src_lin, dst_t = t(src[:3, :3]), t(dst)
+    n_total = int(np.prod(dst_shape))
+    out = torch.empty((3, n_total), dtype=torch.float32, device=dev)
+    for start in range(0, n_total, chunk):
+        flat = torch.arange(start, min(start + chunk, n_total), device=dev)
+        idx = torch.stack(torch.unravel_index(flat, tuple(int(s) for s in dst_shape))).double()
+        world = dst_t[:3, :3] @ idx + dst_t[:3, 3:4]
+        j = src_inv[:3, :3] @ world + src_inv[:3, 3:4]
+        moved = world + src_lin @ _sample(ddf, j.float()).double()
+        out[:, start : start + flat.numel()] = (mov_inv[:3, :3] @ moved + mov_inv[:3, 3:4] - idx).float()
+    return out.view((3,) + tuple(int(s) for s in dst_shape))
+
+
+def map_points(ddf: torch.Tensor, src_affine, points: torch.Tensor, points_affine) -> torch.Tensor:
+    """World positions (mm) ``(K, 3)`` that points (voxel coordinates ``(K, 3)`` of a grid with ``points_affine``) map
+    to under ``ddf`` ``(3, *S)`` on the source grid (linear sampling, border clamp)."""
+    src, pa = as_affine(src_affine), as_affine(points_affine)
+    dev = ddf.device
+    pts = torch.as_tensor(points, dtype=torch.float64, device=dev).T
+    world = torch.as_tensor(pa[:3, :3], device=dev) @ pts + torch.as_tensor(pa[:3, 3:4], device=dev)
+    inv = torch.as_tensor(np.linalg.inv(src), device=dev)
+    j = inv[:3, :3] @ world + inv[:3, 3:4]
+    moved = world + torch.as_tensor(src[:3, :3], device=dev) @ _sample(ddf.float(), j.float()).double()
+    return moved.T
+
+
+def tre_world(ddf: torch.Tensor, src_affine, fixed_points, fixed_affine, moving_points, moving_affine) -> torch.Tensor:
+    """Target registration error in mm per keypoint ``(K,)``, in world space.
+
+    The fixed keypoints (voxel coordinates of the fixed file, ``fixed_affine``) are mapped by ``ddf`` (on the
+    registration grid ``src_affine``) and compared with the moving keypoints (voxel coordinates of the moving file,
+    ``moving_affine``). With one shared diagonal grid this is Learn2Reg's TRE.
+    """
+    moved = map_points(ddf, src_affine, fixed_points, fixed_affine)
+    ma = as_affine(moving_affine)
+    mp = torch.as_tensor(moving_points, dtype=torch.float64, device=moved.device).T
+    target = torch.as_tensor(ma[:3, :3], device=moved.device) @ mp + torch.as_tensor(ma[:3, 3:4], device=moved.device)
+    return torch.linalg.norm(moved - target.T, dim=1).float()
+
+
+def warp_volume(volume: torch.Tensor, disp: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
+    """``volume`` ``(*S_m)`` sampled at ``identity + disp`` (``disp`` ``(3, *S_f)``, voxel coordinates of the volume)
+    -> ``(*S_f)``: ``map_coordinates(volume, identity + disp)`` with the border clamped. ``mode``: "bilinear" (images)
+    or "nearest" (label maps)."""
+    shape_f, shape_m = disp.shape[1:], volume.shape
+    idx = torch.stack(
+        torch.meshgrid(*[torch.arange(n, device=disp.device, dtype=torch.float32) for n in shape_f], indexing="ij")
+    )
+    coords = (idx + disp.float()).reshape(3, -1)
+    norm = torch.stack([coords[d] * 2 / max(shape_m[d] - 1, 1) - 1 for d in range(3)], -1).flip(-1)
+    out = F.grid_sample(
+        volume.float()[None, None], norm.view(1, -1, 1, 1, 3), mode=mode, padding_mode="border", align_corners=True
+    )
+    return out.view(tuple(shape_f))
+
+
+def original_geometry(x) -> tuple[np.ndarray, np.ndarray, tuple[int, ...]]:
+    """(current affine, original affine, original spatial shape) of a loaded ``MetaTensor`` ``(C, *S)``."""
+    meta = getattr(x, "meta", None) or {}
+    current = as_affine(x.affine) if getattr(x, "affine", None) is not None else np.eye(4)
+    original = as_affine(meta["original_affine"]) if "original_affine" in meta else current
+    shape = meta.get("spatial_shape")
+    shape = tuple(int(s) for s in np.asarray(torch.as_tensor(shape).cpu()).reshape(-1)) if shape is not None else None
+    return current, original, shape or tuple(x.shape[1:])
