@@ -6,10 +6,13 @@ Run ``python -m custom <verb> --help`` for the options of a verb.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
 import fire
+
+from custom.validation import InputError
 
 
 def make_data(
@@ -34,18 +37,41 @@ def make_data(
 
     makers = {"acdc": make_acdc, "abdomen": make_abdomen, "thorax": make_thorax}
     chosen = list(makers) if dataset == "all" else [dataset]
+    unknown = [n for n in chosen if n not in makers]
+    if unknown:
+        raise InputError(f"unknown dataset {dataset!r} (--dataset); choose one of {list(makers) + ['all']}")
+    if n_subjects is not None:
+        n_subjects = positive_int(n_subjects, "n_subjects")
+    if shape is not None:
+        shape = shape_arg(shape)
+    seed = positive_int(seed, "seed", minimum=0)
     out = {}
     for name in chosen:
-        if name not in makers:
-            raise ValueError(f"unknown dataset {name!r}; choose one of {list(makers) + ['all']}")
         kwargs = {"seed": seed, "n_test": 2} if name == "acdc" else {"seed": seed}
         if n_subjects is not None:
             kwargs["n_subjects"] = int(n_subjects)
         if shape is not None:
-            kwargs["shape"] = tuple(int(s) for s in shape)
+            kwargs["shape"] = shape
         out[name] = str(makers[name](str(Path(out_dir) / name), **kwargs))
         print(f"{name}: {out[name]}")
     return out
+
+
+def positive_int(value, name: str, minimum: int = 1) -> int:
+    """``value`` as an int >= ``minimum``, else an error naming the option."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).strip().lstrip("-").isdigit():
+        raise InputError(f"--{name} takes a whole number, got {value!r}")
+    if int(value) < minimum:
+        raise InputError(f"--{name} must be at least {minimum}, got {value}")
+    return int(value)
+
+
+def shape_arg(shape) -> tuple[int, int, int]:
+    """``--shape`` as three whole numbers >= 8, e.g. ``--shape '[64,64,16]'``."""
+    values = [shape] if isinstance(shape, (int, str)) else list(shape) if isinstance(shape, (list, tuple)) else None
+    if values is None or len(values) != 3:
+        raise InputError(f"--shape takes three whole numbers, e.g. --shape '[64,64,16]'; got {shape!r}")
+    return tuple(positive_int(v, "shape", minimum=8) for v in values)
 
 
 def run_bundle(config_files, workflow_type: str, **override):
@@ -83,6 +109,9 @@ def demo(
     """
     from custom.synthetic.acdc import make_acdc
 
+    epochs = positive_int(epochs, "epochs")
+    n_subjects = positive_int(n_subjects, "n_subjects", minimum=3)
+    seed = positive_int(seed, "seed", minimum=0)
     bundle = Path(bundle_dir) if bundle_dir else DEMO_BUNDLE
     if not (bundle / "configs" / "train.json").is_file():
         raise ValueError(f"{bundle} is not the segreg_acdc bundle (no configs/train.json); pass --bundle_dir")
@@ -136,7 +165,11 @@ def demo(
 def main() -> None:
     from custom.register import register, warp
 
-    fire.Fire({"make-data": make_data, "demo": demo, "register": register, "warp": warp})
+    try:
+        fire.Fire({"make-data": make_data, "demo": demo, "register": register, "warp": warp})
+    except (InputError, FileNotFoundError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

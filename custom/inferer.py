@@ -12,6 +12,7 @@ from custom.composer import FieldComposer
 from custom.networks import VelocityToDisplacement
 from custom.plan import RegionPlan, padded_shape
 from custom.utils import plain
+from custom.validation import InputError, check_finite
 
 
 class SegRegInferer(Inferer):
@@ -41,6 +42,7 @@ class SegRegInferer(Inferer):
         amp: run the backbone (only) under autocast.
         global_region: register the whole pair as one region (the baseline: plain VoxelMorph on unmasked images).
         frozen_components: displacement components held at 0 (``(2,)``: in-plane field for thick-slice data).
+        spatial_dims: spatial axes of the inputs (3; 2 for a 2-D backbone).
     """
 
     def __init__(
@@ -55,8 +57,10 @@ class SegRegInferer(Inferer):
         amp: bool = False,
         global_region: bool = False,
         frozen_components: Sequence[int] = (),
+        spatial_dims: int = 3,
     ) -> None:
         super().__init__()
+        self.spatial_dims = int(spatial_dims)
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.margin, self.max_batch, self.divisor, self.crop = margin, max_batch, divisor, crop
@@ -71,8 +75,19 @@ class SegRegInferer(Inferer):
         if fixed_label is None or moving_label is None:
             raise ValueError("SegRegInferer needs fixed_label and moving_label (label maps, (B, 1, *S)).")
         inputs, fixed_label, moving_label = plain(inputs), plain(fixed_label), plain(moving_label)
-        if inputs.shape[1] != 2:
-            raise ValueError(f"inputs must be cat([moving, fixed], dim=1) with 2 channels, got {tuple(inputs.shape)}")
+        if inputs.ndim != self.spatial_dims + 2 or inputs.shape[1] != 2:
+            axes = "X, Y, Z" if self.spatial_dims == 3 else "X, Y"
+            raise InputError(
+                f"SegRegInferer inputs must be cat([moving, fixed], dim=1): (B, 2, {axes}) for its "
+                f"{self.spatial_dims}-D backbone (spatial_dims), got {tuple(inputs.shape)}; a 4-D series must be "
+                "split into 3-D frames first."
+            )
+        if fixed_label.ndim != inputs.ndim or moving_label.ndim != inputs.ndim:
+            raise InputError(
+                f"label maps must be (B, 1, *S) like the images {tuple(inputs.shape)}, got {tuple(fixed_label.shape)} "
+                f"and {tuple(moving_label.shape)}"
+            )
+        check_finite(inputs, "the input images (fixed/moving)")
         if fixed_label.shape[2:] != inputs.shape[2:] or moving_label.shape[2:] != inputs.shape[2:]:
             raise ValueError(
                 f"label maps {tuple(fixed_label.shape)}, {tuple(moving_label.shape)} do not match the images "

@@ -13,17 +13,48 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+TEMP_TAG = ".segreg-tmp-"
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def remove_stale_temps(folder: str | os.PathLike, name: str | None = None) -> list[Path]:
+    """Remove temporary files this tool left in ``folder`` (for ``name`` only, if given) whose writer process is gone
+    (e.g. after a SIGKILL); returns what was removed."""
+    removed = []
+    pattern = f".{name}{TEMP_TAG}*" if name else f".*{TEMP_TAG}*"
+    for p in Path(folder).glob(pattern):
+        try:
+            pid = int(p.name.split(TEMP_TAG, 1)[1].split("-", 1)[0])
+            os.kill(pid, 0)  # still running: leave it
+        except ProcessLookupError:
+            p.unlink(missing_ok=True)
+            removed.append(p)
+        except (ValueError, IndexError, PermissionError, OSError):
+            continue
+    return removed
+
 
 @contextmanager
 def atomic_path(path: str | os.PathLike):
-    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds."""
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
+
+    The file gets the usual permissions (0666 less the umask, like ``open``), and temporary files that an earlier,
+    killed run left for the same name are removed first.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(path.parent, path.name)
     suffix = "".join(path.suffixes) or ".tmp"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{TEMP_TAG}{os.getpid()}-", suffix=suffix, dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -99,8 +130,11 @@ def learn2reg_disp_name(fixed: str | os.PathLike, moving: str | os.PathLike) -> 
 
 
 def save_displacement(ddf: np.ndarray, path: str | os.PathLike, affine: np.ndarray) -> Path:
-    """Save a ``(3, X, Y, Z)`` voxel ddf as Learn2Reg ``(X, Y, Z, 3)`` float32 NIfTI."""
+    """Save a ``(3, X, Y, Z)`` voxel ddf as Learn2Reg ``(X, Y, Z, 3)`` float32 NIfTI; a non-finite field is refused."""
     ddf = np.asarray(ddf, np.float32)
     if ddf.ndim != 4 or ddf.shape[0] != 3:
         raise ValueError(f"expected a (3, X, Y, Z) displacement, got {ddf.shape}")
+    bad = int((~np.isfinite(ddf)).sum())
+    if bad:
+        raise ValueError(f"the displacement for {path} has {bad} non-finite values; it is not written")
     return save_nifti(np.moveaxis(ddf, 0, -1), path, affine, dtype=np.float32)

@@ -54,16 +54,18 @@ class VelocityToDisplacement(torch.nn.Module):
         self.frozen = sorted({int(c) for c in (frozen_components or ())})
         self.integrate = DVF2DDF(num_steps=num_steps) if num_steps > 0 else None
 
+    def freeze(self, field: torch.Tensor) -> torch.Tensor:
+        """``field`` ``(B, D, *S)`` with the frozen components set to 0."""
+        if not self.frozen:
+            return field
+        if max(self.frozen) >= field.shape[1]:
+            raise ValueError(f"frozen_components {self.frozen} do not exist in a {field.shape[1]}-component field")
+        keep = torch.ones(field.shape[1], device=field.device, dtype=field.dtype)
+        keep[self.frozen] = 0
+        return field * keep.view((1, -1) + (1,) * (field.ndim - 2))
+
     def forward(self, velocity: torch.Tensor) -> torch.Tensor:
-        velocity = velocity.float()
-        if self.frozen:
-            if max(self.frozen) >= velocity.shape[1]:
-                raise ValueError(
-                    f"frozen_components {self.frozen} do not exist in a {velocity.shape[1]}-component field"
-                )
-            keep = torch.ones(velocity.shape[1], device=velocity.device, dtype=velocity.dtype)
-            keep[self.frozen] = 0
-            velocity = velocity * keep.view((1, -1) + (1,) * (velocity.ndim - 2))
+        velocity = self.freeze(velocity.float())
         if self.integrate is None:
             return velocity
         with torch.autocast(device_type=velocity.device.type, enabled=False):

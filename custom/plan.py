@@ -26,6 +26,7 @@ import torch
 from custom.composer import FieldComposer, whole_box
 from custom.regions import bounding_box, labels_to_regions, present_labels, source_name
 from custom.utils import plain
+from custom.validation import check_integer_labels
 
 GLOBAL = -1  # region id of the one-region baseline
 
@@ -70,6 +71,16 @@ def composition_weights(fixed_label: torch.Tensor, regions: Sequence[int]) -> to
         idx = list(regions).index(0)
         w[:, idx] = w[:, idx] + (1.0 - w.sum(1)).clamp_min(0)
     return w
+
+
+def group_labels(label: torch.Tensor, groups: Sequence[Sequence[int]]) -> torch.Tensor:
+    """``label`` with the ids of each group replaced by the group's first id (keeps MONAI metadata)."""
+    out = label.clone()
+    for group in groups:
+        ids = [int(i) for i in group]
+        for i in ids[1:]:
+            out[label == i] = ids[0]
+    return out
 
 
 def padded_shape(shapes: Sequence[Sequence[int]], divisor: int) -> tuple[int, ...]:
@@ -119,6 +130,7 @@ class RegionPlan:
         label_ids: Sequence[int] | None = None,
         composer: FieldComposer | None = None,
         warn: bool = True,
+        groups: Sequence[Sequence[int]] | None = None,
     ) -> RegionPlan:
         """Plan the registration of one pair.
 
@@ -132,6 +144,9 @@ class RegionPlan:
             label_ids: foreground ids forming the global region's masks (``None`` = every foreground id present).
             composer: composes the sub-fields (default: hard masks).
             warn: report skipped regions.
+            groups: label ids that form one region each, e.g. ``[[1, 2, 3]]`` registers a heart (RV, myocardium and
+                LV cavity, which move together) against the background; a group takes its first id. Ids in no group
+                stay regions of their own.
         """
         if fixed_label.ndim < 3 or fixed_label.shape[:2] != (1, 1) or fixed_label.shape != moving_label.shape:
             raise ValueError(
@@ -139,6 +154,10 @@ class RegionPlan:
                 f"{tuple(fixed_label.shape)} ({source_name(fixed_label)}) and {tuple(moving_label.shape)} "
                 f"({source_name(moving_label)}). Resample them onto one grid first."
             )
+        for lab in (fixed_label, moving_label):
+            check_integer_labels(plain(lab), source_name(lab))
+        if groups:
+            fixed_label, moving_label = group_labels(fixed_label, groups), group_labels(moving_label, groups)
         spatial = fixed_label.shape[2:]
         if global_region:
             if label_ids is None:

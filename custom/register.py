@@ -51,14 +51,22 @@ def iterative_registration(
     frozen_components=(),
     progress: bool = True,
     device: str | None = None,
+    global_init: bool = False,
+    groups=None,
+    reg_domain: str | int = "box",
+    intensity_range=None,
+    fov_value: float | None = None,
 ) -> dict:
     """Training-free SegReg of one pair (MIND-SSC + Dice + L2 within regions) in the fixed image's physical space.
 
     Returns ``{"disp": (3, *S_fixed) Learn2Reg-form displacement on the original fixed grid, "fixed_affine",
     "moving_affine"}``. Without label maps the whole image is one region (plain iterative registration).
+    Intensities are scaled to 0..1 between the 0.5 and 99.5 percentiles of each image, or within ``intensity_range``
+    (e.g. ``(-1000, 1000)`` HU for CT/CBCT); ``fov_value`` (on that 0..1 scale) marks the fixed image's padding outside
+    the scanner's field of view (see ``IterativeSegReg``).
     """
     from monai.losses import DiceLoss
-    from monai.transforms import Compose, LoadImaged, ScaleIntensityRangePercentilesd
+    from monai.transforms import Compose, LoadImaged, ScaleIntensityRanged, ScaleIntensityRangePercentilesd
 
     from custom.geometry import displacement_to_grid, original_geometry, voxel_spacing
     from custom.iterative import IterativeSegReg
@@ -77,7 +85,11 @@ def iterative_registration(
         [
             LoadImaged(keys, ensure_channel_first=True, image_only=True),
             AlignPaird(),
-            ScaleIntensityRangePercentilesd(["fixed_image", "moving_image"], 0.5, 99.5, 0.0, 1.0, clip=True),
+            (
+                ScaleIntensityRangePercentilesd(["fixed_image", "moving_image"], 0.5, 99.5, 0.0, 1.0, clip=True)
+                if intensity_range is None
+                else ScaleIntensityRanged(["fixed_image", "moving_image"], *intensity_range, 0.0, 1.0, clip=True)
+            ),
         ]
     )(paths)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -96,6 +108,10 @@ def iterative_registration(
         global_region=global_region,
         frozen_components=tuple(frozen_components or ()),
         progress=progress,
+        global_init=global_init,
+        groups=groups,
+        reg_domain=reg_domain,
+        fov_value=fov_value,
     )
     reg_affine, fixed_affine, fixed_shape = original_geometry(data["fixed_image"])
     _, moving_affine, _ = original_geometry(data["moving_image"])
@@ -119,6 +135,7 @@ def register(
     levels=(4, 2, 1),
     iterations=(50, 50, 30),
     in_plane: bool = False,
+    reg_domain: str | int = "box",
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict:
@@ -134,6 +151,8 @@ def register(
             ``inference.json`` on this pair: ``bundle``, ``variant``, ``ckpt_path``).
         levels, iterations: multi-resolution schedule of the iterative modes.
         in_plane: hold the through-plane component at 0 (thick-slice data; the axis with the largest spacing).
+        reg_domain: where each region's field is regularised: "box" (its crop; default), "region" (inside its fixed
+            mask only, as the paper) or a dilation in voxels (see ``custom.iterative.IterativeSegReg``).
         overwrite: replace existing outputs (otherwise an existing displacement file stops the run).
     """
     names = output_names(fixed, moving, out_dir)
@@ -164,6 +183,7 @@ def register(
         global_region=mode == "global",
         frozen_components=frozen,
         progress=progress,
+        reg_domain=reg_domain,
     )
     save_displacement(res["disp"].numpy(), names["disp"], res["fixed_affine"])
     written = {"displacement": str(names["disp"])}

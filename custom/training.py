@@ -17,7 +17,9 @@ from monai.networks.blocks import Warp
 from custom.geometry import voxel_spacing
 from custom.losses import SegRegLoss
 from custom.networks import VelocityToDisplacement
+from custom.regions import source_name
 from custom.utils import plain
+from custom.validation import InputError
 
 TARGET_KEYS = ("fixed_image", "moving_image", "fixed_mask", "moving_mask", "fixed_edt", "moving_edt")
 
@@ -83,6 +85,12 @@ class PairBatch(PrepareBatch):
         if missing:
             raise KeyError(f"batch has no {missing}; the preprocessing must load {list(self.keys)}")
         fixed, moving, fl, ml = (_to(batchdata[k], device, non_blocking) for k in self.keys)
+        if fixed.shape != moving.shape:
+            names = [source_name(batchdata[k], k) for k in self.keys[:2]]
+            raise InputError(
+                f"fixed {names[0]} {tuple(fixed.shape[2:])} and moving {names[1]} {tuple(moving.shape[2:])} are not on "
+                "one grid; put custom.transforms.AlignPaird (and one spatial size) in the preprocessing"
+            )
         inputs = torch.cat([moving, fixed], dim=1)
         has_gt = all(k in batchdata for k in self.gt_keys)
         if has_gt and not all(isinstance(batchdata[k], torch.Tensor) for k in self.gt_keys):

@@ -12,8 +12,9 @@ import torch
 from custom.evaluation import epe_metrics, keypoint_tre, pair_metrics, references, write_table
 from custom.figures import registration_figure
 from custom.geometry import displacement_to_grid, labels_to_grid, original_geometry, voxel_spacing, warp_volume
-from custom.io import learn2reg_disp_name, load_nifti, save_displacement, save_nifti
+from custom.io import learn2reg_disp_name, load_nifti, remove_stale_temps, save_displacement, save_nifti
 from custom.utils import plain
+from custom.validation import InputError, check_output_dir
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +62,7 @@ class RegistrationWriter:
         save_figures: also write ``<output_dir>/figures/<pair>.png`` (fixed / moving / warped / grid / det J).
         jacobian_border: voxels dropped per axis for SDlogJ and % det J <= 0 (one int or one per axis).
         border_band: width (voxels) of the band around label borders for ``epe_border_mm``.
+        overwrite: replace the results of an earlier run in ``output_dir`` (with a warning); ``False`` refuses.
 
     Where the batch record names a ``true_displacement`` file (the synthetic sets store the exact motion), the row
     also gets end-point errors in mm (``custom.evaluation.epe_metrics``).
@@ -77,6 +79,7 @@ class RegistrationWriter:
         save_figures: bool = False,
         jacobian_border: int | Sequence[int] = 2,
         border_band: int = 2,
+        overwrite: bool = True,
     ) -> None:
         if naming not in ("pair", "learn2reg"):
             raise ValueError(f"naming must be 'pair' or 'learn2reg', got {naming!r}")
@@ -86,6 +89,7 @@ class RegistrationWriter:
         self.save_figures = save_figures
         self.jacobian_border = jacobian_border if isinstance(jacobian_border, int) else list(jacobian_border)
         self.border_band = int(border_band)
+        self.overwrite = bool(overwrite)
         self.rows: list[dict] = []
         self.summary: dict = {}
 
@@ -97,7 +101,18 @@ class RegistrationWriter:
         engine.add_event_handler(Events.COMPLETED, self.write_table)
 
     def reset(self, engine=None) -> None:
+        """Start of a run: check the output folder can be written (before any pair is computed), clear temporary files
+        of killed runs, and refuse or announce replacing an earlier result."""
         self.rows = []
+        check_output_dir(self.output_dir)
+        for sub in ("", "submission", "displacements", "warped", "figures"):
+            if (self.output_dir / sub).is_dir():
+                remove_stale_temps(self.output_dir / sub)
+        table = self.output_dir / f"{self.table_name}.csv"
+        if table.exists():
+            if not self.overwrite:
+                raise InputError(f"{table} exists from an earlier run; pass --overwrite true or another --output_dir")
+            logger.warning("replacing the results of an earlier run in %s", self.output_dir)
 
     def __call__(self, engine) -> None:
         batch, output = engine.state.batch, engine.state.output

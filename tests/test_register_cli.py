@@ -78,10 +78,10 @@ def test_register_recovers_a_sliding_box_and_warp_matches_scipy(tmp_path):
 def test_an_lps_stored_copy_registers_identically(tmp_path):
     (tmp_path / "ras").mkdir()
     (tmp_path / "lps").mkdir()
-    ras = register(*shifted_pair(tmp_path / "ras", RAS), out_dir=str(tmp_path / "ras" / "o"), save_warped=False, **FAST)
-    lps = register(
-        *shifted_pair(tmp_path / "lps", LPS, flip=True), out_dir=str(tmp_path / "lps" / "o"), save_warped=False, **FAST
-    )
+    f, fl, m, ml = shifted_pair(tmp_path / "ras", RAS)
+    ras = register(f, m, fl, ml, out_dir=str(tmp_path / "ras" / "o"), save_warped=False, **FAST)
+    f, fl, m, ml = shifted_pair(tmp_path / "lps", LPS, flip=True)
+    lps = register(f, m, fl, ml, out_dir=str(tmp_path / "lps" / "o"), save_warped=False, **FAST)
     a, b = nib.load(ras["displacement"]), nib.load(lps["displacement"])
     assert np.allclose(b.affine, LPS)
     # the LPS file's voxel axes x and y run the other way: flip the array and negate those components

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from custom.io import learn2reg_case_id, learn2reg_disp_name
+from custom.validation import InputError
 
 
 def load_dataset_json(path: str | Path) -> dict:
@@ -19,6 +20,12 @@ def load_dataset_json(path: str | Path) -> dict:
 
 def _resolve(root: Path, rel: str) -> Path:
     return (root / rel).resolve() if rel.startswith(".") else Path(rel)
+
+
+def _entry_image(entry, n: int, json_path) -> str:
+    if not isinstance(entry, dict) or "image" not in entry:
+        raise InputError(f"{json_path}: entry {n} of 'training' ({entry!r}) has no 'image' key")
+    return entry["image"]
 
 
 def read_keypoints(path: str | Path) -> np.ndarray:
@@ -55,27 +62,35 @@ def learn2reg_pairs(
 
     ``split``: a pair list of the JSON (``registration_val``, ``training_paired_images``, ...) or "training_all" for
     every ordered pair of distinct ``training`` images (inter-subject training). ``label_dir``: folder beside
-    ``imagesTr`` with label maps of the same names (``labelsTr``, or ``segmentationsTr`` for automatic ones);
-    labels are omitted when it does not exist.
+    ``imagesTr`` with label maps of the same names (``labelsTr``, or ``segmentationsTr`` for automatic ones); it must
+    exist (``None``: no labels). An image without a label file in it gets no label keys.
     """
     json_path = Path(json_path)
     spec, root = load_dataset_json(json_path), json_path.parent
     if split == "training_all":
-        images = [e["image"] for e in spec.get("training", [])]
+        images = [_entry_image(e, n, json_path) for n, e in enumerate(spec.get("training", []))]
         pairs = [{"fixed": a, "moving": b} for a in images for b in images if a != b]
     elif split in spec:
         pairs = spec[split]
     else:
         options = [k for k, v in spec.items() if isinstance(v, list) and v and "fixed" in v[0]]
         raise ValueError(f"{json_path} has no pair list {split!r}; available: {options + ['training_all']}")
+    if label_dir is not None and not (root / label_dir).is_dir():
+        raise InputError(
+            f"label folder {root / label_dir} does not exist (label_dir={label_dir!r} beside {json_path}); give the "
+            "folder of label maps named like the images (labelsTr, segmentationsTr, ...) or label_dir=None."
+        )
     records = []
-    for p in pairs:
+    for n, p in enumerate(pairs):
+        missing = [k for k in ("fixed", "moving") if not isinstance(p, dict) or k not in p]
+        if missing:
+            raise InputError(f"{json_path}: entry {n} of {split!r} ({p!r}) has no {missing} key; each pair needs both")
         rec = {f"{k}_image": str(_resolve(root, p[k])) for k in ("fixed", "moving")}
         for k in ("fixed", "moving"):
             if not Path(rec[f"{k}_image"]).exists():
                 raise ValueError(f"{rec[f'{k}_image']} listed in {json_path} does not exist.")
-            lab = Path(rec[f"{k}_image"].replace("/imagesTr/", f"/{label_dir}/"))
-            if lab.exists():
+            lab = Path(rec[f"{k}_image"].replace("/imagesTr/", f"/{label_dir}/")) if label_dir else None
+            if lab is not None and lab.exists():
                 rec[f"{k}_label"] = str(lab)
         truth = root / "gtdisp" / learn2reg_disp_name(rec["fixed_image"], rec["moving_image"])
         if truth.exists():  # exact motion, where a (synthetic) set stores it
@@ -105,7 +120,7 @@ def learn2reg_split(
     spec = load_dataset_json(json_path)
     if part not in ("train", "val", "test"):
         return learn2reg_pairs(json_path, part, label_dir, keypoints)
-    images = sorted(e["image"] for e in spec.get("training", []))
+    images = sorted(_entry_image(e, n, json_path) for n, e in enumerate(spec.get("training", [])))
     if n_train + n_val >= len(images) or n_train < 2:
         raise ValueError(
             f"{json_path} lists {len(images)} training images; n_train={n_train} + n_val={n_val} must leave test "
