@@ -94,7 +94,13 @@ def table(name, records, labels, extra, merge=None) -> str:
         mean = {c: np.mean([r[c] for r in rows]) for c in cols}
         lines.append(f"| {mode} | " + " | ".join(f"{mean[c]:.2f}" for c in cols) + " |")
         print(name, mode, {c: round(float(v), 3) for c, v in mean.items()}, flush=True)
-    head = f"### {name} ({len(records)} pairs)\n\n| method | " + " | ".join(cols) + " |\n|---" * (len(cols) + 1) + "|\n"
+    head = (
+        f"### {name} ({len(records)} pairs)\n\n| method | "
+        + " | ".join(cols)
+        + " |\n"
+        + "|---" * (len(cols) + 1)
+        + "|\n"
+    )
     return head + "\n".join(lines) + "\n"
 
 

@@ -39,3 +39,12 @@ def validate_metadata(bundle: str) -> dict:
     for key in ("version", "monai_version", "pytorch_version", "numpy_version", "network_data_format", "labels"):
         assert key in meta, key
     return meta
+
+
+def error_text(err: BaseException) -> str:
+    """The messages of an exception and its causes (ConfigWorkflow and MONAI wrap the original error)."""
+    parts = []
+    while err is not None:
+        parts.append(str(err))
+        err = err.__cause__ or err.__context__
+    return " | ".join(parts)

@@ -4,7 +4,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from bundle_utils import TINY_NET, configs, run, validate_metadata, workflow
+from bundle_utils import TINY_NET, configs, error_text, run, validate_metadata, workflow
 from monai.bundle import ConfigParser
 from scipy.ndimage import map_coordinates
 
@@ -116,15 +116,6 @@ def test_training_writes_one_checkpoint_per_variant_with_its_settings(trained):
         )
     # dice and edt trained separately: different weights, neither overwrote the other
     assert any(not torch.equal(ckpts["dice"]["model"][k], ckpts["edt"]["model"][k]) for k in ckpts["dice"]["model"])
-
-
-def error_text(err: BaseException) -> str:
-    """The messages of an exception and its causes (ConfigWorkflow wraps the original error)."""
-    parts = []
-    while err is not None:
-        parts.append(str(err))
-        err = err.__cause__ or err.__context__
-    return " | ".join(parts)
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from conftest import requires_cuda
 from monai.transforms import LoadImaged
 from scipy.ndimage import map_coordinates
 
@@ -155,3 +156,16 @@ def test_frozen_components_stay_exactly_zero_through_integration():
     v = torch.randn(2, 3, 12, 10, 6)
     ddf = VelocityToDisplacement(7, frozen_components=(2,))(v)
     assert ddf[:, 2].abs().max() == 0 and ddf[:, :2].abs().max() > 0
+
+
+@requires_cuda
+def test_geometry_cuda_matches_cpu():
+    fixed_orig = affine([-2.0, -2.0, 3.0], [80.0, 60.0, -10.0], perm=(1, 0, 2))
+    reg = affine([1.5, 1.5, 2.5], [30.0, 16.0, -16.0])
+    u = torch.randn(3, 40, 36, 18)
+    cpu = displacement_to_grid(u, reg, fixed_orig, (18, 20, 10))
+    gpu = displacement_to_grid(u.cuda(), reg, fixed_orig, (18, 20, 10)).cpu()
+    torch.testing.assert_close(gpu, cpu, atol=1e-4, rtol=1e-4)
+    vol = torch.rand(10, 9, 8)
+    d = torch.randn(3, 7, 6, 5)
+    torch.testing.assert_close(warp_volume(vol.cuda(), d.cuda()).cpu(), warp_volume(vol, d), atol=1e-5, rtol=1e-5)

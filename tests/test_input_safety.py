@@ -12,7 +12,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from bundle_utils import configs, run, workflow
+from bundle_utils import configs, error_text, run, workflow
 from monai.data import MetaTensor
 
 from custom.datasets.learn2reg import learn2reg_pairs
@@ -26,14 +26,6 @@ from custom.validation import InputError, SafeLoadImaged, ValidatePaird
 
 THORAX = configs("segreg_thorax")
 FAST = {"levels": [1], "iterations": [1], "num_workers": 0, "progress": False}
-
-
-def chain(err: BaseException) -> str:
-    parts = []
-    while err is not None:
-        parts.append(str(err))
-        err = err.__cause__ or err.__context__
-    return " | ".join(parts)
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +79,7 @@ def test_bundle_run_refuses_bad_input_and_names_the_file(thorax, tmp_path, case,
     out = tmp_path / "out"
     with pytest.raises(Exception) as err:
         run([THORAX / "inference.json"], "infer", dataset_dir=str(root), output_dir=str(out), **FAST)
-    text = chain(err.value)
+    text = error_text(err.value)
     assert bad.name in text and __import__("re").search(message, text), text
     assert not list(out.glob("submission/*.nii.gz"))  # nothing written for the bad pair
 
@@ -135,7 +127,7 @@ def test_training_refuses_mistyped_config_values(tmp_path, override, message):
     with pytest.raises(Exception) as err:
         workflow([configs("segreg_acdc") / "train.json"], "train", dataset_dir=str(tmp_path / "acdc"), **override)
         run([configs("segreg_acdc") / "train.json"], "train", dataset_dir=str(tmp_path / "acdc"), **override)
-    assert message in chain(err.value)
+    assert message in error_text(err.value)
 
 
 def test_training_warns_when_no_validation_will_run():
