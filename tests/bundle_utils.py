@@ -1,6 +1,7 @@
 """Helpers for the bundle tests: paths, tiny-network overrides, running a config through ConfigWorkflow."""
 
 import json
+import tempfile
 from pathlib import Path
 
 from monai.bundle import ConfigWorkflow
@@ -21,6 +22,9 @@ def configs(bundle: str) -> Path:
 
 
 def workflow(files, workflow_type: str, **override) -> ConfigWorkflow:
+    """A ConfigWorkflow; logs and outputs go to a temporary folder unless ``output_dir`` is given (nothing is written
+    into the source tree)."""
+    override.setdefault("output_dir", tempfile.mkdtemp(prefix="segreg_test_out_"))
     wf = ConfigWorkflow(config_file=[str(f) for f in files], workflow_type=workflow_type, **override)
     wf.initialize()
     return wf

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from custom.metrics import dice_per_label, jacobian_stats
 from custom.plan import RegionPlan
 
-SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=25, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 @st.composite
