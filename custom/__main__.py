@@ -104,7 +104,8 @@ def demo(
     Generates a synthetic ACDC set (``n_subjects`` training + 2 test patients) under ``<out_dir>/data``, trains the
     bundle's SegReg ``variant`` and its one-region ``baseline`` for ``epochs`` epochs each (CPU-sized: volumes
     resampled to 3.6 x 3.6 x 10 mm, 64 x 64 x 16, learning rate 1e-3), evaluates both on the test pairs and prints
-    the Dice / HD95 per structure, SDlogJ and % det J <= 0. Tables, displacements, warped images and one figure per
+    the Dice / HD95 per structure, SDlogJ, % det J <= 0 and the end-point errors (mm) against the exact motion of the
+    ES -> ED pairs. Tables, displacements, warped images and one figure per
     pair go to ``<out_dir>/eval/<variant>``; checkpoints to ``<out_dir>/models``.
     """
     from custom.synthetic.acdc import make_acdc
@@ -153,6 +154,7 @@ def demo(
         )
         summaries[name] = json.loads((Path(evaluation) / "metrics.json").read_text())["summary"]
     labels = [k for k in summaries[variant] if k.startswith(("dice_", "hd95_"))] + ["sdlogj", "neg_jac_percent"]
+    labels += [k for k in summaries[variant] if k.startswith(("epe_", "through_plane"))]
     header = f"{'metric':<22}{'SegReg (' + variant + ')':>22}{'baseline':>22}"
     print("\n" + header + "\n" + "-" * len(header))
     for k in labels:

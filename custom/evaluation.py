@@ -98,11 +98,13 @@ def pair_metrics(
 
 
 def summarise(rows: Sequence[dict]) -> dict:
-    """``{column: {"mean", "std"}}`` over the numeric columns (NaN ignored)."""
+    """``{column: {"mean", "std"}}`` over the numeric columns (NaN and rows without the column ignored, e.g. EPE
+    where only some pairs have a true displacement)."""
     out = {}
-    for key in rows[0]:
-        vals = [r.get(key) for r in rows]
-        if not all(isinstance(v, (int, float)) for v in vals):
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    for key in keys:
+        vals = [r[key] for r in rows if key in r]
+        if not vals or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals):
             continue
         arr = np.asarray(vals, dtype=np.float64)
         ok = ~np.isnan(arr)

@@ -226,6 +226,13 @@ def test_evaluation_writes_consistent_outputs_and_table(acdc, trained, variant, 
     assert np.allclose(ours.affine, fixed_file.affine)
     ref = map_coordinates(moving_gt_file.get_fdata(), coords, order=0)
     assert (ours.get_fdata() == ref).mean() > 0.995
+    # end-point error against the stored exact motion, recomputed with numpy from the two files; an in-plane field
+    # leaves no through-plane motion
+    truth = nib.load(record["true_displacement"]).get_fdata()
+    epe = np.linalg.norm((u - truth) * np.linalg.norm(fixed_file.affine[:3, :3], axis=0), axis=-1).mean()
+    row = next(c for c in table["cases"] if c["pair"] == "patient004_ES_ED")
+    assert row["epe_mm"] == pytest.approx(epe, rel=1e-4) and row["through_plane_mm"] < 1e-3
+    assert table["summary"]["epe_mm"]["mean"] == pytest.approx(epe, rel=1e-4)  # only ES_ED has a stored truth
     # the table scores on the registration grid; on the original grid the same field gives nearly the same Dice
     fixed_gt = nib.load(record["fixed_gt"]).get_fdata()
     row = next(c for c in table["cases"] if c["pair"] == "patient004_ES_ED")
