@@ -115,3 +115,16 @@ def test_atomic_write_leaves_no_partial_file(tmp_path):
     with pytest.raises(Exception):
         save_nifti(np.zeros((2, 2, 2), dtype=object), target, spacing_affine((1, 1, 1)))
     assert not target.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_abdomen_pair_truth_composes_the_subject_fields():
+    from custom.synthetic.abdomen import pair_truth
+
+    shape = (12, 10, 8)
+    u_fixed = np.zeros((3,) + shape, np.float32)
+    u_moving = np.zeros((3,) + shape, np.float32)
+    u_fixed[0], u_moving[0], u_moving[1] = 1.0, -2.0, 0.5  # fixed x shows template x + 1; moving z shows z - 2
+    truth, residual = pair_truth(u_fixed, u_moving)
+    np.testing.assert_allclose(truth[0], 3.0, atol=1e-5)  # z = x + 3
+    np.testing.assert_allclose(truth[1], -0.5, atol=1e-5)
+    assert residual.max() < 1e-4

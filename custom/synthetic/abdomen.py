@@ -2,7 +2,8 @@
 
 Each subject is a template anatomy pulled through its own piecewise field (every organ its own smooth shift, the
 body a smoother one, so organs slide against each other). Writes ``imagesTr/``, ``labelsTr/``, ``masksTr/``,
-``AbdomenCTCT_dataset.json`` and ``gtdisp/AbdomenCTCT_XXXX_template.nii.gz`` (subject -> template displacement).
+``AbdomenCTCT_dataset.json``, ``gtdisp/AbdomenCTCT_XXXX_template.nii.gz`` (subject -> template displacement) and, for
+the ``registration_val`` pairs, ``gtdisp/disp_XXXX_YYYY.nii.gz`` (fixed -> moving, from the two subject fields).
 """
 
 from __future__ import annotations
@@ -10,10 +11,19 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from scipy.ndimage import map_coordinates
 from tqdm.auto import tqdm
 
 from custom.io import save_displacement, save_json, save_nifti, spacing_affine
-from custom.synthetic.motion import compose_sliding, ellipsoid, render, sample, smooth_field, smooth_noise
+from custom.synthetic.motion import (
+    compose_sliding,
+    ellipsoid,
+    identity_grid,
+    render,
+    sample,
+    smooth_field,
+    smooth_noise,
+)
 
 LABELS = {
     0: "background",
@@ -113,4 +123,47 @@ def make_abdomen(
         "numTest": 0,
         "test": [],
     }
-    return save_json(spec, root / "AbdomenCTCT_dataset.json")
+    path = save_json(spec, root / "AbdomenCTCT_dataset.json")
+    write_pair_truths(path, [{"fixed_image": p["fixed"], "moving_image": p["moving"]} for p in pairs])
+    return path
+
+
+def pair_truth(fixed_to_template: np.ndarray, moving_to_template: np.ndarray, iterations: int = 30):
+    """Exact-as-possible fixed -> moving displacement ``(3, *S)`` (voxels) of two synthetic subjects.
+
+    Each subject is the template sampled at ``x + u_s(x)``, so fixed voxel x shows template point
+    ``y = x + u_F(x)``, and the moving voxel showing it solves ``z + u_M(z) = y``; ``z`` is found by fixed-point
+    iteration (the fields are small and smooth within organs). Returns ``(z - x, residual)`` with the residual
+    ``|z + u_M(z) - y|`` in voxels (large only where the moving subject's field folds or slides).
+    """
+    g = identity_grid(fixed_to_template.shape[1:])
+    y = g + fixed_to_template
+    z = y.copy()
+
+    def u_m(points):
+        return np.stack([map_coordinates(moving_to_template[c], points, order=1, mode="nearest") for c in range(3)])
+
+    for _ in range(int(iterations)):
+        z = y - u_m(z)
+    residual = np.linalg.norm(z + u_m(z) - y, axis=0)
+    return (z - g).astype(np.float32), residual
+
+
+def write_pair_truths(json_path, pairs) -> list[Path]:
+    """Write ``gtdisp/disp_<fixed>_<moving>.nii.gz`` (Learn2Reg names) for ``pairs`` of ``{fixed_image, moving_image}``
+    records of a synthetic AbdomenCTCT set; the readers then attach them as ``true_displacement``."""
+    from custom.io import learn2reg_disp_name, load_nifti
+
+    root = Path(json_path).parent
+    written = []
+    for p in pairs:
+        out = root / "gtdisp" / learn2reg_disp_name(p["fixed_image"], p["moving_image"])
+        if out.exists():
+            continue
+        fields = []
+        for k in ("fixed_image", "moving_image"):
+            arr, affine = load_nifti(root / "gtdisp" / Path(p[k]).name.replace("_0000.nii.gz", "_template.nii.gz"))
+            fields.append(np.moveaxis(np.asarray(arr, np.float32), -1, 0))
+        truth, _ = pair_truth(*fields)
+        written.append(save_displacement(truth, out, affine))
+    return written
