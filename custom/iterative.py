@@ -14,6 +14,7 @@ from monai.networks.blocks import Warp
 from tqdm.auto import tqdm
 
 from custom.geometry import voxel_spacing
+from custom.composer import FieldComposer
 from custom.losses import RegionDiffusionLoss, SegRegLoss
 from custom.mind import MINDSSCLoss
 from custom.networks import VelocityToDisplacement
@@ -114,6 +115,8 @@ class IterativeSegReg:
             within each fixed region"), "box" (its whole crop: the field stays smooth just outside the region, which
             steadies thin and small structures; measured on the synthetic abdomen: mean Dice 93.5 vs 80.5 %), or a
             dilation of the mask in voxels. The field is only used inside the region either way.
+        sigma: Gaussian smoothing (voxels) of the composition weights: the sub-fields blend over about ``2 sigma``
+            voxels at region borders instead of jumping (fewer folds; ``None`` = hard masks, the sliding kept exact).
         groups: label ids registered as one region each (see ``RegionPlan.build``), e.g. ``[[1, 2, 3]]`` for a heart
             that slides against its surroundings as a whole.
 
@@ -143,6 +146,7 @@ class IterativeSegReg:
         global_init: bool = False,
         groups: Sequence[Sequence[int]] | None = None,
         reg_domain: str | int = "region",
+        sigma: float | None = None,
     ) -> None:
         if field not in ("displacement", "velocity"):
             raise ValueError(f"field must be 'displacement' or 'velocity', got {field!r}")
@@ -170,6 +174,7 @@ class IterativeSegReg:
                 f"reg_domain must be 'region', 'box' or a dilation in voxels (int >= 0), got {reg_domain!r}"
             )
         self.reg_domain = reg_domain
+        self.sigma = None if sigma in (None, 0) else float(sigma)
         self.warp = Warp(mode="bilinear", padding_mode="zeros")
         self.warp_image = Warp(mode="bilinear", padding_mode="border")
         self.warp_label = Warp(mode="nearest", padding_mode="border")
@@ -183,6 +188,7 @@ class IterativeSegReg:
             self.margin,
             global_region=self.global_region,
             groups=self.groups,
+            composer=FieldComposer(sigma=self.sigma),
         )
 
     def tasks(self, plan: RegionPlan, fixed, moving) -> list[RegionTask]:

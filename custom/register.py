@@ -56,6 +56,7 @@ def iterative_registration(
     reg_domain: str | int = "box",
     intensity_range=None,
     fov_value: float | None = None,
+    sigma: float | None = None,
 ) -> dict:
     """Training-free SegReg of one pair (MIND-SSC + Dice + L2 within regions) in the fixed image's physical space.
 
@@ -112,6 +113,7 @@ def iterative_registration(
         groups=groups,
         reg_domain=reg_domain,
         fov_value=fov_value,
+        sigma=sigma,
     )
     reg_affine, fixed_affine, fixed_shape = original_geometry(data["fixed_image"])
     _, moving_affine, _ = original_geometry(data["moving_image"])
@@ -136,6 +138,7 @@ def register(
     iterations=(50, 50, 30),
     in_plane: bool = False,
     reg_domain: str | int = "box",
+    sigma: float | None = None,
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict:
@@ -153,6 +156,7 @@ def register(
         in_plane: hold the through-plane component at 0 (thick-slice data; the axis with the largest spacing).
         reg_domain: where each region's field is regularised: "box" (its crop; default), "region" (inside its fixed
             mask only, as the paper) or a dilation in voxels (see ``custom.iterative.IterativeSegReg``).
+        sigma: Gaussian smoothing (voxels) of the composition weights, e.g. 2: fewer folds at region borders.
         overwrite: replace existing outputs (otherwise an existing displacement file stops the run).
     """
     names = output_names(fixed, moving, out_dir)
@@ -184,6 +188,7 @@ def register(
         frozen_components=frozen,
         progress=progress,
         reg_domain=reg_domain,
+        sigma=sigma,
     )
     save_displacement(res["disp"].numpy(), names["disp"], res["fixed_affine"])
     written = {"displacement": str(names["disp"])}

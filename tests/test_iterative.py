@@ -128,3 +128,11 @@ def test_a_thin_small_region_is_registered(reg_domain):
     assert before == 0 and after > 50, (before, after)
     with pytest.raises(ValueError, match="reg_domain"):
         IterativeSegReg(reg_domain="everywhere")
+
+
+def test_smoothed_composition_reaches_the_plan():
+    p = sliding_slabs(shape=(16, 16, 8), shift=1)
+    plan = IterativeSegReg(sigma=2.0, progress=False).plan(p["fixed_regions"], p["moving_regions"])
+    w = plan.weights()
+    assert plan.composer.sigma == 2.0 and 0 < float(w[0, 0, 7, 8, 4]) < 1  # blended next to the border at x = 8
+    torch.testing.assert_close(w.sum(1), torch.ones_like(w[:, 0]))
