@@ -28,8 +28,8 @@ from custom.evaluation import epe_metrics
 from custom.geometry import warp_volume
 from custom.metrics import jacobian_stats
 from custom.regions import load_merge_map, merge_labels
-from custom.synthetic.abdomen import write_pair_truths
 from custom.register import iterative_registration
+from custom.synthetic.abdomen import write_pair_truths
 
 REPO = Path(__file__).resolve().parent.parent
 MODES = {

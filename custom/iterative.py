@@ -13,8 +13,8 @@ from monai.losses import DiceLoss
 from monai.networks.blocks import Warp
 from tqdm.auto import tqdm
 
-from custom.geometry import voxel_spacing
 from custom.composer import FieldComposer
+from custom.geometry import voxel_spacing
 from custom.losses import RegionDiffusionLoss, SegRegLoss
 from custom.mind import MINDSSCLoss
 from custom.networks import VelocityToDisplacement
