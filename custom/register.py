@@ -159,6 +159,9 @@ def register(
         sigma: Gaussian smoothing (voxels) of the composition weights, e.g. 2: fewer folds at region borders.
         overwrite: replace existing outputs (otherwise an existing displacement file stops the run).
     """
+    from custom.validation import check_output_dir
+
+    check_output_dir(out_dir)  # before any work
     names = output_names(fixed, moving, out_dir)
     if names["disp"].exists() and not overwrite:
         raise FileExistsError(f"{names['disp']} exists; pass --overwrite true to replace it")

@@ -114,5 +114,9 @@ def test_bad_inputs_name_the_file_or_option(tmp_path):
         register(f, f, out_dir=str(tmp_path / "o"), in_plane=True, **FAST)
     with pytest.raises(ValueError, match="levels"):
         register(f, f, out_dir=str(tmp_path / "o"), levels="abc", iterations=(1,), progress=False)
+    blocked = tmp_path / "plain_file"
+    blocked.write_text("x")
+    with pytest.raises(ValueError, match="cannot write to the output folder"):
+        register(f, f, out_dir=str(blocked / "o"), **FAST)
     with pytest.raises(ValueError, match="not a displacement field"):
         warp(f, f, str(tmp_path / "w.nii.gz"))
