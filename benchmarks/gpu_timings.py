@@ -98,6 +98,7 @@ def iterative_rows(case: dict, device: torch.device) -> list[dict]:
             fov_value=0.0,
             global_region=mode == "global",
             progress=False,
+            sigma=2.0,
         )
         args = [case[k].to(device) for k in ("fixed", "moving", "fixed_label", "moving_label")]
         stats, out = measure(lambda: reg(*args), device)
