@@ -32,6 +32,13 @@ CONVENTIONS = {
     "tre_mm": "mean target registration error in mm: the fixed keypoints (voxel coordinates of the fixed file) moved "
     "by the displacement (sampled linearly) and compared with the moving keypoints, in world coordinates (Learn2Reg's "
     "definition when both files share one grid).",
+    "epe_mm": "end-point error against the true displacement, mm: |A (u - u_true)| with A the moving image's voxel "
+    "axes, averaged over the fixed image's original grid (where the data set stores the exact motion).",
+    "epe_<label>_mm": "the same, averaged inside the fixed ground-truth label.",
+    "epe_border_mm": "the same, in the band of 'border_band' voxels around every border between labels (where "
+    "organs slide).",
+    "through_plane_mm": "mean |through-plane displacement| in mm over the foreground where the truth has none "
+    "(thick-slice data: the axis whose spacing is over twice the others').",
 }
 
 
@@ -128,19 +135,6 @@ def write_table(
         out_dir / f"{name}.json",
     )
     return summary
-
-
-CONVENTIONS.update(
-    {
-        "epe_mm": "end-point error against the true displacement, mm: |A (u - u_true)| with A the moving image's voxel "
-        "axes, averaged over the fixed image's original grid (where the data set stores the exact motion).",
-        "epe_<label>_mm": "the same, averaged inside the fixed ground-truth label.",
-        "epe_border_mm": "the same, in the band of 'border_band' voxels around every border between labels (where "
-        "organs slide).",
-        "through_plane_mm": "mean |through-plane displacement| in mm over the foreground where the truth has none "
-        "(thick-slice data: the axis whose spacing is over twice the others').",
-    }
-)
 
 
 def through_plane_axis(spacing) -> int | None:

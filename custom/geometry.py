@@ -53,12 +53,6 @@ def same_grid(affine_a, shape_a, affine_b, shape_b, atol: float = 1e-3) -> bool:
     return tuple(shape_a) == tuple(shape_b) and np.allclose(as_affine(affine_a), as_affine(affine_b), atol=atol)
 
 
-def world_displacement(ddf: torch.Tensor, affine) -> torch.Tensor:
-    """``(B, 3, *S)`` voxel displacement -> the same field in world mm (``A[:3, :3] u``)."""
-    lin = torch.as_tensor(as_affine(affine)[:3, :3], dtype=ddf.dtype, device=ddf.device)
-    return torch.einsum("ij,bj...->bi...", lin, ddf)
-
-
 def _sample(field: torch.Tensor, coords: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
     """Samples ``(C, N)`` of ``field`` ``(C, X, Y, Z)`` at voxel coordinates ``coords`` ``(3, N)`` (border clamp)."""
     shape = field.shape[1:]
@@ -67,15 +61,33 @@ def _sample(field: torch.Tensor, coords: torch.Tensor, mode: str = "bilinear") -
     return out.view(field.shape[0], -1)
 
 
+def _apply(affine: np.ndarray, points: torch.Tensor) -> torch.Tensor:
+    """A ``(4, 4)`` affine applied to points ``(3, N)`` (float64)."""
+    a = torch.as_tensor(affine, dtype=torch.float64, device=points.device)
+    return a[:3, :3] @ points.double() + a[:3, 3:4]
+
+
+def _moved(ddf: torch.Tensor, src: np.ndarray, world: torch.Tensor) -> torch.Tensor:
+    """World points ``(3, N)`` moved by ``ddf`` ``(3, *S)`` of the grid with affine ``src`` (linear, border clamp)."""
+    lin = torch.as_tensor(src[:3, :3], dtype=torch.float64, device=world.device)
+    return world + lin @ _sample(ddf.float(), _apply(np.linalg.inv(src), world).float()).double()
+
+
+def _grid_points(shape: Sequence[int], device, flat: torch.Tensor | None = None) -> torch.Tensor:
+    """Voxel indices ``(3, N)`` of a grid (all of them, or the flat indices ``flat``), float64."""
+    shape = tuple(int(n) for n in shape)
+    flat = torch.arange(int(np.prod(shape)), device=device) if flat is None else flat
+    return torch.stack(torch.unravel_index(flat, shape)).double()
+
+
 def labels_to_grid(label: torch.Tensor, src_affine, dst_affine, dst_shape: Sequence[int]) -> torch.Tensor:
     """A label map ``(*S)`` on a grid with ``src_affine`` resampled (nearest, through world space) onto another grid
     ``(*dst_shape)`` (e.g. back onto the fixed image's original grid)."""
     label = label.float()
     if same_grid(src_affine, label.shape, dst_affine, dst_shape, atol=1e-6):
         return label.clone()
-    m = torch.as_tensor(np.linalg.inv(as_affine(src_affine)) @ as_affine(dst_affine), device=label.device)
-    idx = torch.stack(torch.meshgrid(*[torch.arange(int(n), device=label.device) for n in dst_shape], indexing="ij"))
-    coords = (m[:3, :3] @ idx.reshape(3, -1).double() + m[:3, 3:4]).float()
+    to_src = np.linalg.inv(as_affine(src_affine)) @ as_affine(dst_affine)
+    coords = _apply(to_src, _grid_points(dst_shape, label.device)).float()
     return _sample(label[None], coords, "nearest").view(tuple(int(n) for n in dst_shape))
 
 
@@ -100,37 +112,23 @@ def displacement_to_grid(
         ``(3, *dst_shape)`` float32: moving voxel coordinate of each destination voxel's image point, minus its index.
     """
     src, dst = as_affine(src_affine), as_affine(dst_affine)
-    mov = dst if moving_affine is None else as_affine(moving_affine)
+    mov_inv = np.linalg.inv(dst if moving_affine is None else as_affine(moving_affine))
     ddf = ddf.float()
-    if same_grid(src, ddf.shape[1:], dst, dst_shape, atol=1e-6) and np.allclose(mov, dst, atol=1e-6):
+    if same_grid(src, ddf.shape[1:], dst, dst_shape, atol=1e-6) and np.allclose(mov_inv, np.linalg.inv(dst), atol=1e-6):
         return ddf.clone()
-    dev = ddf.device
-    t = lambda a: torch.as_tensor(a, dtype=torch.float64, device=dev)  # noqa: E731
-    src_inv, mov_inv = t(np.linalg.inv(src)), t(np.linalg.inv(mov))
-    src_lin, dst_t = t(src[:3, :3]), t(dst)
     n_total = int(np.prod(dst_shape))
-    out = torch.empty((3, n_total), dtype=torch.float32, device=dev)
+    out = torch.empty((3, n_total), dtype=torch.float32, device=ddf.device)
     for start in range(0, n_total, chunk):
-        flat = torch.arange(start, min(start + chunk, n_total), device=dev)
-        idx = torch.stack(torch.unravel_index(flat, tuple(int(s) for s in dst_shape))).double()
-        world = dst_t[:3, :3] @ idx + dst_t[:3, 3:4]
-        j = src_inv[:3, :3] @ world + src_inv[:3, 3:4]
-        moved = world + src_lin @ _sample(ddf, j.float()).double()
-        out[:, start : start + flat.numel()] = (mov_inv[:3, :3] @ moved + mov_inv[:3, 3:4] - idx).float()
+        idx = _grid_points(dst_shape, ddf.device, torch.arange(start, min(start + chunk, n_total), device=ddf.device))
+        out[:, start : start + idx.shape[1]] = (_apply(mov_inv, _moved(ddf, src, _apply(dst, idx))) - idx).float()
     return out.view((3,) + tuple(int(s) for s in dst_shape))
 
 
-def map_points(ddf: torch.Tensor, src_affine, points: torch.Tensor, points_affine) -> torch.Tensor:
+def map_points(ddf: torch.Tensor, src_affine, points, points_affine) -> torch.Tensor:
     """World positions (mm) ``(K, 3)`` that points (voxel coordinates ``(K, 3)`` of a grid with ``points_affine``) map
     to under ``ddf`` ``(3, *S)`` on the source grid (linear sampling, border clamp)."""
-    src, pa = as_affine(src_affine), as_affine(points_affine)
-    dev = ddf.device
-    pts = torch.as_tensor(points, dtype=torch.float64, device=dev).T
-    world = torch.as_tensor(pa[:3, :3], device=dev) @ pts + torch.as_tensor(pa[:3, 3:4], device=dev)
-    inv = torch.as_tensor(np.linalg.inv(src), device=dev)
-    j = inv[:3, :3] @ world + inv[:3, 3:4]
-    moved = world + torch.as_tensor(src[:3, :3], device=dev) @ _sample(ddf.float(), j.float()).double()
-    return moved.T
+    pts = torch.as_tensor(points, dtype=torch.float64, device=ddf.device).T
+    return _moved(ddf, as_affine(src_affine), _apply(as_affine(points_affine), pts)).T
 
 
 def tre_world(ddf: torch.Tensor, src_affine, fixed_points, fixed_affine, moving_points, moving_affine) -> torch.Tensor:
@@ -141,10 +139,8 @@ def tre_world(ddf: torch.Tensor, src_affine, fixed_points, fixed_affine, moving_
     ``moving_affine``). With one shared diagonal grid this is Learn2Reg's TRE.
     """
     moved = map_points(ddf, src_affine, fixed_points, fixed_affine)
-    ma = as_affine(moving_affine)
     mp = torch.as_tensor(moving_points, dtype=torch.float64, device=moved.device).T
-    target = torch.as_tensor(ma[:3, :3], device=moved.device) @ mp + torch.as_tensor(ma[:3, 3:4], device=moved.device)
-    return torch.linalg.norm(moved - target.T, dim=1).float()
+    return torch.linalg.norm(moved - _apply(as_affine(moving_affine), mp).T, dim=1).float()
 
 
 def warp_volume(volume: torch.Tensor, disp: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:

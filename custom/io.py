@@ -107,9 +107,14 @@ def save_csv(rows: list[dict], path: str | os.PathLike) -> Path:
     return Path(path)
 
 
+def file_stem(path: str | os.PathLike) -> str:
+    """A file name without folder and without every suffix (``a/b/x.nii.gz`` -> ``x``)."""
+    return Path(str(path)).name.split(".")[0]
+
+
 def learn2reg_case_id(path: str | os.PathLike) -> tuple[str, str]:
     """``(subject, modality)`` from a Learn2Reg name like ``ThoraxCBCT_0011_0001.nii.gz`` -> ("0011", "0001")."""
-    stem = Path(path).name.split(".")[0]
+    stem = file_stem(path)
     parts = stem.split("_")
     if len(parts) < 3 or not (parts[-1].isdigit() and parts[-2].isdigit()):
         raise ValueError(f"{path} is not a Learn2Reg image name (<Task>_<subject>_<modality>.nii.gz)")

@@ -73,16 +73,6 @@ def composition_weights(fixed_label: torch.Tensor, regions: Sequence[int]) -> to
     return w
 
 
-def group_labels(label: torch.Tensor, groups: Sequence[Sequence[int]]) -> torch.Tensor:
-    """``label`` with the ids of each group replaced by the group's first id (keeps MONAI metadata)."""
-    out = label.clone()
-    for group in groups:
-        ids = [int(i) for i in group]
-        for i in ids[1:]:
-            out[label == i] = ids[0]
-    return out
-
-
 def padded_shape(shapes: Sequence[Sequence[int]], divisor: int) -> tuple[int, ...]:
     """Smallest shape that holds every shape in ``shapes`` and is a multiple of ``divisor`` on each axis."""
     return tuple(int(math.ceil(max(s[d] for s in shapes) / divisor) * divisor) for d in range(len(shapes[0])))
@@ -130,7 +120,6 @@ class RegionPlan:
         label_ids: Sequence[int] | None = None,
         composer: FieldComposer | None = None,
         warn: bool = True,
-        groups: Sequence[Sequence[int]] | None = None,
     ) -> RegionPlan:
         """Plan the registration of one pair.
 
@@ -144,9 +133,6 @@ class RegionPlan:
             label_ids: foreground ids forming the global region's masks (``None`` = every foreground id present).
             composer: composes the sub-fields (default: hard masks).
             warn: report skipped regions.
-            groups: label ids that form one region each, e.g. ``[[1, 2, 3]]`` registers a heart (RV, myocardium and
-                LV cavity, which move together) against the background; a group takes its first id. Ids in no group
-                stay regions of their own.
         """
         if fixed_label.ndim < 3 or fixed_label.shape[:2] != (1, 1) or fixed_label.shape != moving_label.shape:
             raise ValueError(
@@ -156,8 +142,6 @@ class RegionPlan:
             )
         for lab in (fixed_label, moving_label):
             check_integer_labels(plain(lab), source_name(lab))
-        if groups:
-            fixed_label, moving_label = group_labels(fixed_label, groups), group_labels(moving_label, groups)
         spatial = fixed_label.shape[2:]
         if global_region:
             if label_ids is None:

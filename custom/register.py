@@ -12,11 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from custom.io import learn2reg_disp_name, load_nifti, save_displacement, save_nifti
-
-
-def _stem(path) -> str:
-    return Path(str(path)).name.split(".")[0]
+from custom.io import file_stem, learn2reg_disp_name, load_nifti, save_displacement, save_nifti
 
 
 def output_names(fixed: str, moving: str, out_dir: str | os.PathLike) -> dict:
@@ -25,7 +21,7 @@ def output_names(fixed: str, moving: str, out_dir: str | os.PathLike) -> dict:
     try:
         stem = learn2reg_disp_name(fixed, moving)[: -len(".nii.gz")]
     except ValueError:
-        stem = f"{_stem(fixed)}__{_stem(moving)}_disp"
+        stem = f"{file_stem(fixed)}__{file_stem(moving)}_disp"
     return {
         "disp": out / f"{stem}.nii.gz",
         "image": out / f"{stem}_warped_image.nii.gz",
@@ -51,8 +47,6 @@ def iterative_registration(
     frozen_components=(),
     progress: bool = True,
     device: str | None = None,
-    global_init: bool = False,
-    groups=None,
     reg_domain: str | int = "box",
     intensity_range=None,
     fov_value: float | None = None,
@@ -109,8 +103,6 @@ def iterative_registration(
         global_region=global_region,
         frozen_components=tuple(frozen_components or ()),
         progress=progress,
-        global_init=global_init,
-        groups=groups,
         reg_domain=reg_domain,
         fov_value=fov_value,
         sigma=sigma,

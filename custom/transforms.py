@@ -15,6 +15,7 @@ from monai.utils import ensure_tuple
 from custom.datasets.learn2reg import read_keypoints
 from custom.geometry import as_affine, overlap_fraction, same_grid, world_box
 from custom.regions import load_merge_map, merge_labels, source_name
+from custom.validation import InputError
 
 
 class MergeLabelsd(MapTransform):
@@ -61,7 +62,7 @@ class AlignPaird(MapTransform):
 
     1. Every key is reoriented to ``axcodes`` (MONAI ``Orientationd``; default RAS), so a pair stored LPS and one stored
        RAS give the same arrays.
-    2. Each label map must share its image's grid (shape and affine); otherwise a ``ValueError`` names both files.
+    2. Each label map must share its image's grid (shape and affine); otherwise an ``InputError`` names both files.
     3. If the moving image's grid differs from the fixed one (another origin, spacing, shape or direction), the moving
        image (bilinear) and its label maps (nearest) are resampled into the fixed image's grid through their affines
        (MONAI ``ResampleToMatch``), with a warning; grids whose world boxes overlap less than ``min_overlap`` (fraction
@@ -95,7 +96,7 @@ class AlignPaird(MapTransform):
             image = keys[0]
             for k in keys[1:]:
                 if k in d and not same_grid(*self._grid(d[image]), *self._grid(d[k])):
-                    raise ValueError(
+                    raise InputError(
                         f"label map {source_name(d[k], k)} is not on the grid of its image "
                         f"{source_name(d[image], image)} (shape {tuple(d[k].shape[1:])} vs "
                         f"{tuple(d[image].shape[1:])}, affines "
@@ -108,7 +109,7 @@ class AlignPaird(MapTransform):
         frac = overlap_fraction(*self._grid(d[kf]), *self._grid(d[km]))
         names = f"fixed {source_name(d[kf], kf)} and moving {source_name(d[km], km)}"
         if frac < self.min_overlap:
-            raise ValueError(
+            raise InputError(
                 f"{names} do not share a physical space: their world boxes overlap {100 * frac:.1f} % of the fixed "
                 f"one (fixed {world_box(*self._grid(d[kf]))}, moving {world_box(*self._grid(d[km]))} mm). Check the "
                 "origins/directions in the headers, or pre-align the images (min_overlap sets the threshold)."

@@ -19,6 +19,7 @@ import torch
 from monai.config import KeysCollection
 from monai.transforms import LoadImaged, MapTransform
 
+from custom.geometry import voxel_spacing
 from custom.regions import source_name
 
 
@@ -70,9 +71,7 @@ def check_spacing(x, name: str, spacing_range: Sequence[float] = (1e-2, 100.0)) 
     affine = getattr(x, "affine", None)
     if affine is None:
         return
-    a = torch.as_tensor(affine).detach().cpu().double()
-    a = a[0] if a.ndim == 3 else a
-    spacing = np.linalg.norm(a[:3, :3].numpy(), axis=0)
+    spacing = voxel_spacing(affine)
     lo, hi = spacing_range
     if not np.all(np.isfinite(spacing)) or spacing.min() < lo or spacing.max() > hi:
         raise InputError(

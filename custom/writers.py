@@ -12,7 +12,7 @@ import torch
 from custom.evaluation import epe_metrics, keypoint_tre, pair_metrics, references, write_table
 from custom.figures import registration_figure
 from custom.geometry import displacement_to_grid, labels_to_grid, original_geometry, voxel_spacing, warp_volume
-from custom.io import learn2reg_disp_name, load_nifti, remove_stale_temps, save_displacement, save_nifti
+from custom.io import file_stem, learn2reg_disp_name, load_nifti, remove_stale_temps, save_displacement, save_nifti
 from custom.utils import plain
 from custom.validation import InputError, check_output_dir
 
@@ -21,10 +21,6 @@ logger = logging.getLogger(__name__)
 
 def _meta(x) -> dict:
     return dict(getattr(x, "meta", {}) or {})
-
-
-def _stem(path) -> str:
-    return Path(str(path)).name.split(".")[0]
 
 
 def label_names(labels: Mapping | Sequence[str]) -> dict[int, str]:
@@ -125,7 +121,7 @@ class RegistrationWriter:
         if "pair_id" in b:
             return str(b["pair_id"])
         f, m = (_meta(b[k]).get("filename_or_obj", k) for k in ("fixed_image", "moving_image"))
-        return learn2reg_disp_name(f, m)[:-7] if self.naming == "learn2reg" else f"{_stem(f)}__{_stem(m)}"
+        return learn2reg_disp_name(f, m)[:-7] if self.naming == "learn2reg" else f"{file_stem(f)}__{file_stem(m)}"
 
     def write_pair(self, b: Mapping, o: Mapping) -> dict:
         """Write one pair's files (on the fixed image's original grid); return its metric row."""

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from custom.io import learn2reg_case_id, learn2reg_disp_name
+from custom.io import file_stem, learn2reg_case_id, learn2reg_disp_name
 from custom.validation import InputError
 
 
@@ -36,7 +36,7 @@ def read_keypoints(path: str | Path) -> np.ndarray:
     displacement sampled at the fixed points).
     """
     p = Path(path)
-    csv = p if p.suffix == ".csv" else p.with_name(p.name.split(".")[0] + ".csv")
+    csv = p if p.suffix == ".csv" else p.with_name(file_stem(p) + ".csv")
     if not csv.exists():
         raise ValueError(f"keypoint file {csv} not found (the JSON named {p.name}).")
     pts = np.loadtxt(csv, delimiter=",", ndmin=2)
@@ -50,7 +50,7 @@ def keypoint_pair(root: Path, fixed: str, moving: str) -> tuple[Path, Path] | No
     (_, fm), (_, mm) = learn2reg_case_id(fixed), learn2reg_case_id(moving)
     mods = sorted([int(fm), int(mm)])
     folder = root / ("keypointsTr" if fm == mm else f"keypoints{mods[0]}{mods[1]}Tr")
-    f, m = (folder / (Path(x).name.split(".")[0] + ".csv") for x in (fixed, moving))
+    f, m = (folder / (file_stem(x) + ".csv") for x in (fixed, moving))
     return (f, m) if f.exists() and m.exists() else None
 
 
