@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# One command for a GPU machine: the CUDA tests, then CPU vs CUDA timings side by side (benchmarks/gpu_timings.py).
+# One command for a GPU machine: the CUDA tests, the iterative-speed benchmark on CUDA (SegReg vs ConvexAdam,
+# benchmarks/iterative_speed.py), then CPU vs CUDA timings side by side (benchmarks/gpu_timings.py).
 # Needs torch with CUDA plus the project's pure-Python dependencies; wheels carried in .whl/ are installed first
-# (python3 -m pip download --no-deps -d .whl monai==1.6.1 nibabel==5.4.2 pytorch-ignite==0.5.5 fire==0.7.1 ...).
-# Usage: bash benchmarks/gpu_check.sh [OUT_DIR]   (about 5 minutes on one H100)
+# (python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl monai==1.6.1 nibabel==5.4.2
+#  pytorch-ignite==0.5.5 convexadam==0.2.0 simpleitk==2.5.7).
+# Usage: bash benchmarks/gpu_check.sh [OUT_DIR]   (about 7 minutes on one H100)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${1:-${OUT:-outputs/gpu_check}}"
@@ -19,8 +21,11 @@ echo "== CUDA tests =="
 CUDA_TESTS=$(grep -l requires_cuda tests/test_*.py)
 "$PY" -m pytest -q -rs -p no:cacheprovider $CUDA_TESTS 2>&1 | tee "$OUT/cuda_tests.log"
 tests_rc=${PIPESTATUS[0]}
+echo "== iterative speed on CUDA (SegReg vs ConvexAdam) =="
+"$PY" benchmarks/iterative_speed.py --device cuda --out /tmp/segreg_speed ${SPEED_ARGS:-} 2>&1 | tee "$OUT/iterative_speed.log"
+speed_rc=${PIPESTATUS[0]}
 echo "== timings =="
-"$PY" benchmarks/gpu_timings.py --out /tmp/segreg_bench ${GPU_TIMINGS_ARGS:-} 2>&1 | tee "$OUT/gpu_timings.log"
+"$PY" benchmarks/gpu_timings.py --out /tmp/segreg_bench ${GPU_TIMINGS_ARGS:---skip_cpu_inferer} 2>&1 | tee "$OUT/gpu_timings.log"
 timing_rc=${PIPESTATUS[0]}
-echo "tests exit $tests_rc, timings exit $timing_rc"
-exit $(( tests_rc || timing_rc ))
+echo "tests exit $tests_rc, iterative speed exit $speed_rc, timings exit $timing_rc"
+exit $(( tests_rc || speed_rc || timing_rc ))

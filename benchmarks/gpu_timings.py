@@ -72,38 +72,17 @@ def thorax_case(out: Path, shape) -> dict:
 
 
 def iterative_rows(case: dict, device: torch.device) -> list[dict]:
-    from monai.losses import DiceLoss
+    from iterative_speed import bundle_solver
 
-    from custom.iterative import IterativeSegReg
-    from custom.losses import RegionDiffusionLoss, SegRegLoss
     from custom.metrics import dice_per_label, tre_mm, warp_labels
-    from custom.mind import MINDSSCLoss
 
     rows = []
-    for mode in ("per-region", "global"):
-        loss = SegRegLoss(
-            MINDSSCLoss(),
-            DiceLoss(include_background=True),
-            RegionDiffusionLoss(),
-            {"sim": 10.0, "mask": 1.0, "reg": 5.0},
-        )
-        reg = IterativeSegReg(
-            loss=loss,
-            levels=(4, 2, 1),
-            iterations=(50, 50, 30),
-            lr=0.1,
-            margin=8,
-            grid_spacing=2,
-            min_region_voxels=64,
-            fov_value=0.0,
-            global_region=mode == "global",
-            progress=False,
-            sigma=2.0,
-        )
+    for mode, variant in (("per-region", "segreg"), ("global", "global")):
+        reg = bundle_solver(variant)  # the segreg_thorax bundle's own settings
         args = [case[k].to(device) for k in ("fixed", "moving", "fixed_label", "moving_label")]
-        stats, out = measure(lambda: reg(*args), device)
+        stats, out = measure(lambda: reg(*args, spacing=case["spacing"]), device)
         ddf = out["ddf"].cpu()
-        ids = [i for i in range(1, 13)]
+        ids = [i for i in range(1, 14)]
         dice = dice_per_label(warp_labels(case["moving_label"], ddf), case["fixed_label"], ids, case["moving_label"])
         stats["dice_mean"] = float(np.nanmean(dice.numpy()))
         stats["tre_mm"] = float(tre_mm(ddf, *case["keypoints"], case["spacing"]).mean())

@@ -125,8 +125,8 @@ def main() -> None:
     merge = load_merge_map(REPO / "bundles" / "segreg_thorax" / "configs" / "totalsegmentator_to_segreg13.json")["map"]
     # the segreg_thorax bundle's settings: HU window, CBCT field-of-view rule, schedule
     thorax_settings = {
-        "levels": (4, 2, 1),
-        "iterations": (50, 50, 30),
+        "level_spacing_mm": (16.0, 8.0, 4.0),
+        "iterations": (50, 20, 10),
         "intensity_range": (-1000.0, 1000.0),
         "fov_value": 0.0,
     }

@@ -38,13 +38,18 @@ class FieldComposer(torch.nn.Module):
         self.normalise = normalise or sigma is not None
         self.eps = eps
 
-    def prepare_weights(self, weights: torch.Tensor) -> torch.Tensor:
-        """Smooth (if ``sigma``) and renormalise (if ``normalise``) ``(B, N, *S)`` weights."""
+    def smooth(self, weights: torch.Tensor) -> torch.Tensor:
+        """``(B, N, *S)`` weights smoothed with the Gaussian of ``sigma`` (unchanged without one), not renormalised."""
         w = weights.float()
         if self.sigma is not None and self.sigma > 0:
             spatial = w.ndim - 2
             smooth = GaussianFilter(spatial_dims=spatial, sigma=self.sigma).to(w.device)
             w = smooth(w.reshape((-1, 1) + tuple(w.shape[2:]))).reshape(w.shape).clamp_min(0)
+        return w
+
+    def prepare_weights(self, weights: torch.Tensor) -> torch.Tensor:
+        """Smooth (if ``sigma``) and renormalise (if ``normalise``) ``(B, N, *S)`` weights."""
+        w = self.smooth(weights)
         if self.normalise:
             w = w / w.sum(1, keepdim=True).clamp_min(self.eps)
         return w
@@ -53,12 +58,15 @@ class FieldComposer(torch.nn.Module):
     def paste(out: torch.Tensor, field: torch.Tensor, weight: torch.Tensor, box: Sequence[slice]) -> torch.Tensor:
         """Add ``weight[box] * field`` into ``out[box]`` in place and return ``out``.
 
-        ``out`` ``(B, D, *S)``, ``field`` ``(B, D, *s)`` with ``s`` the shape of ``box``, ``weight`` ``(B, 1, *S)``.
+        ``out`` ``(B, D, *S)``, ``field`` ``(B, D, *s)`` with ``s`` the shape of ``box``, ``weight`` ``(B, 1, *S)`` (the
+        whole grid) or ``(B, 1, *s)`` (the box only).
         """
         idx = (slice(None), slice(None)) + tuple(box)
         if tuple(field.shape[2:]) != tuple(out[idx].shape[2:]):
             raise ValueError(f"sub-field {tuple(field.shape)} does not fit its box {tuple(out[idx].shape)}")
-        out[idx] = out[idx] + weight[idx].to(field.dtype) * field
+        if tuple(weight.shape[2:]) != tuple(field.shape[2:]) or tuple(weight.shape[2:]) == tuple(out.shape[2:]):
+            weight = weight[idx]
+        out[idx] = out[idx] + weight.to(field.dtype) * field
         return out
 
     def forward(

@@ -68,9 +68,10 @@ class RegionDiffusionLoss(_Loss):
     """L2 diffusion regulariser summed within regions, per millimetre: no finite difference crosses a region border.
 
     ``forward(ddf, regions=None, spacing=None)``: ``ddf`` ``(B, D, *S)`` in voxels; ``regions`` ``(B, N, *S)`` one-hot
-    (or soft) fixed-space masks; ``spacing`` the voxel size in mm per axis (overrides the constructor's; ``None`` =
-    isotropic 1 mm, i.e. voxel units). Component c is converted to mm (``u_c * s_c``) and its forward difference along
-    axis k is divided by ``s_k``, so the gradient is in mm/mm and a 10 mm slice step costs what it physically is.
+    (or soft) fixed-space masks; ``spacing`` the voxel size in mm per axis, or ``(B, D)`` one row per case (overrides
+    the constructor's; ``None`` = isotropic 1 mm, i.e. voxel units). Component c is converted to mm (``u_c * s_c``)
+    and its forward difference along axis k is divided by ``s_k``, so the gradient is in mm/mm and a 10 mm slice step
+    costs what it physically is.
     The difference between voxels x and x+e_k is weighted by ``w = sum_i S_i(x) S_i(x+e_k)`` (1 when both lie in the
     same region, 0 across a border). Per case: sum over axes k of the weighted mean
     ``sum(w * mean_c (du_c/dx_k)^2) / sum(w)``, so the scale does not depend on the region's size. With
@@ -87,17 +88,21 @@ class RegionDiffusionLoss(_Loss):
         if regions is not None and (regions.shape[0] != ddf.shape[0] or regions.shape[2:] != ddf.shape[2:]):
             raise ValueError(f"regions {tuple(regions.shape)} do not match ddf {tuple(ddf.shape)}")
         sp = spacing if spacing is not None else self.spacing
-        sp = [1.0] * dims if sp is None else [float(s) for s in sp]
-        if len(sp) != dims:
-            raise ValueError(f"spacing {sp} must give one value per spatial axis ({dims})")
+        sp = torch.ones(dims) if sp is None else torch.as_tensor(sp, dtype=torch.float32)
+        sp = sp.to(device=ddf.device, dtype=ddf.dtype).reshape(-1, sp.shape[-1] if sp.ndim else 1)
+        if sp.shape[-1] != dims or sp.shape[0] not in (1, ddf.shape[0]):
+            raise ValueError(
+                f"spacing {sp.tolist()} must give one value per spatial axis ({dims}), or one row per case"
+            )
+        sp = sp.view((sp.shape[0], dims) + (1,) * dims)
         if ddf.shape[1] == dims:
-            ddf = ddf * torch.as_tensor(sp, dtype=ddf.dtype, device=ddf.device).view((1, -1) + (1,) * dims)
+            ddf = ddf * sp
         total = ddf.new_zeros((ddf.shape[0],))
         for k in range(dims):
             axis, n = 2 + k, ddf.shape[2 + k]
             if n < 2:
                 continue
-            diff = (ddf.narrow(axis, 1, n - 1) - ddf.narrow(axis, 0, n - 1)) / sp[k]
+            diff = (ddf.narrow(axis, 1, n - 1) - ddf.narrow(axis, 0, n - 1)) / sp[:, k : k + 1]
             sq = (diff * diff).mean(1, keepdim=True).flatten(1)
             if regions is None:
                 total = total + sq.mean(1)

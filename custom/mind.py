@@ -76,7 +76,9 @@ class MINDSSCLoss(_Loss):
         self.radius = radius
         self.dilation = dilation
 
+    def descriptors(self, image: torch.Tensor) -> torch.Tensor:
+        """MIND-SSC descriptors ``(B, P, *S)`` of ``image`` ``(B, 1, *S)`` with this loss's radius and dilation."""
+        return mind_ssc(image, self.radius, self.dilation)
+
     def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        a = mind_ssc(pred, self.radius, self.dilation)
-        b = mind_ssc(target, self.radius, self.dilation)
-        return reduce((a - b) ** 2, self.reduction)
+        return reduce((self.descriptors(pred) - self.descriptors(target)) ** 2, self.reduction)

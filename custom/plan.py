@@ -105,6 +105,8 @@ class RegionPlan:
         self.composer = composer or FieldComposer()
         self.skipped = list(skipped)
         self._weights = None
+        self._normaliser = None
+        self._thin: list[int] | None = None
 
     # ---------------------------------------------------------------------------------------------------------
     @classmethod
@@ -208,14 +210,63 @@ class RegionPlan:
 
     def weights(self) -> torch.Tensor:
         """Composition weights ``(1, N, *S)`` (fixed masks, background filling unregistered labels), prepared by the
-        composer (smoothed and renormalised if it has a ``sigma``)."""
+        composer (smoothed and renormalised if it has a ``sigma``; see :meth:`region_weight` for thin regions)."""
         if self._weights is None:
             if self.is_global:
                 w = torch.ones((1, 1) + self.spatial_shape, device=self.fixed_label.device)
+                self._weights = self.composer.prepare_weights(w)
             else:
-                w = composition_weights(self.fixed_label, self.regions)
-            self._weights = self.composer.prepare_weights(w)
+                w = self.fixed_label.new_zeros((1, len(self)) + self.spatial_shape, dtype=torch.float32)
+                for i in range(len(self)):
+                    w[(slice(None), slice(i, i + 1)) + self.boxes[i]] = self.region_weight(i)
+                self._weights = w
         return self._weights
+
+    def region_weight(self, i: int) -> torch.Tensor:
+        """Region ``i``'s composition weight on its box ``(1, 1, *s)``, computed from the box alone (a whole-grid stack
+        of N weights is never built, so large volumes fit).
+
+        Hard fixed masks, or with a composer ``sigma`` the smoothed masks renormalised to sum to 1. A region too thin
+        to own any voxel after smoothing (its smoothed weight below 1/2 everywhere in its mask, e.g. a scapula 2 voxels
+        thick) keeps its hard mask: its voxels follow its own field, not its neighbours'.
+        """
+        if self.is_global:
+            return torch.ones((1, 1, *self.box_shape(i)), device=self.fixed_label.device)
+        hard = self._hard_weight(i)
+        if not self.composer.normalise:
+            return self.composer.smooth(hard)
+        thin = self._thin_regions()
+        label = self.crop(self.fixed_label, i)
+        in_thin = torch.isin(label, torch.as_tensor(thin, device=label.device, dtype=label.dtype)).float()
+        w = self._smooth_weight(i) * (1.0 - in_thin)
+        return w + hard if self.regions[i] in thin else w
+
+    def _smooth_weight(self, i: int) -> torch.Tensor:
+        """Region ``i``'s smoothed mask divided by the sum of all smoothed masks, on its box."""
+        if self._normaliser is None:
+            total = self.fixed_label.new_zeros((1, 1) + self.spatial_shape, dtype=torch.float32)
+            for k in range(len(self)):
+                total[(slice(None), slice(None)) + self.boxes[k]] += self.composer.smooth(self._hard_weight(k))
+            self._normaliser = total.clamp_min(self.composer.eps)
+        return self.composer.smooth(self._hard_weight(i)) / self.crop(self._normaliser, i)
+
+    def _thin_regions(self) -> list[int]:
+        """Ids of the regions whose smoothed weight stays below 1/2 everywhere inside their own fixed mask."""
+        if self._thin is None:
+            self._thin = []
+            for i, r in enumerate(self.regions):
+                inside = self._hard_weight(i) > 0
+                if inside.any() and float(self._smooth_weight(i)[inside].max()) < 0.5:
+                    self._thin.append(r)
+        return self._thin
+
+    def _hard_weight(self, i: int) -> torch.Tensor:
+        """Fixed mask of region ``i`` on its box; region 0 also takes the voxels of unregistered labels."""
+        label = self.crop(self.fixed_label, i)
+        w = label == self.regions[i]
+        if self.regions[i] == 0:
+            w = w | ~torch.isin(label, torch.as_tensor(self.regions, device=label.device, dtype=label.dtype))
+        return w.float()
 
     def new_field(self, dtype=torch.float32) -> torch.Tensor:
         """A zero displacement ``(1, D, *S)`` to paste sub-fields into."""
@@ -223,7 +274,7 @@ class RegionPlan:
 
     def paste(self, out: torch.Tensor, i: int, field: torch.Tensor) -> torch.Tensor:
         """Add region ``i``'s weighted sub-field ``(1, D, *s)`` into ``out`` ``(1, D, *S)`` (in place)."""
-        return self.composer.paste(out, field, self.weights()[:, i : i + 1], self.boxes[i])
+        return self.composer.paste(out, field, self.region_weight(i), self.boxes[i])
 
     def compose(self, fields: Sequence[torch.Tensor]) -> torch.Tensor:
         """``u = sum_i w_i u_i`` from the cropped sub-fields of every region, in plan order -> ``(1, D, *S)``."""

@@ -15,7 +15,7 @@ from custom.transforms import MergeLabelsd
 
 CFG = configs("segreg_thorax")
 INFER, EVAL, MERGE = CFG / "inference.json", CFG / "evaluate.json", CFG / "totalsegmentator_to_segreg13.json"
-FAST = {"levels": [2, 1], "iterations": [3, 2], "num_workers": 0, "progress": False}
+FAST = {"level_spacing_mm": [8.0, 4.0], "iterations": [3, 2], "num_workers": 0, "progress": False}
 
 
 @pytest.fixture(scope="module")

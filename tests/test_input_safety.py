@@ -25,7 +25,7 @@ from custom.training import PairBatch
 from custom.validation import InputError, SafeLoadImaged, ValidatePaird
 
 THORAX = configs("segreg_thorax")
-FAST = {"levels": [1], "iterations": [1], "num_workers": 0, "progress": False}
+FAST = {"level_spacing_mm": [4.0], "iterations": [1], "num_workers": 0, "progress": False}
 
 
 @pytest.fixture(scope="module")

@@ -81,13 +81,17 @@ def test_region_outside_the_fixed_field_of_view_drops_the_similarity_term():
     label = torch.zeros(1, 1, 24, 24, 16)
     label[..., 2:20, 2:18, 2:14] = 1
     label[..., 6:14, 20:23, 3:13] = 2
-    moving = fixed.clone()
     fixed[..., :, 19:, :] = 0.0
     plan = RegionPlan.build(label, label)
-    tasks = IterativeSegReg(fov_value=0.0, progress=False).tasks(plan, fixed, moving)
+    reg = IterativeSegReg(fov_value=0.0, progress=False)
+    tasks = reg.tasks(plan, fixed)
     use = dict(zip(plan.regions, [t.use_similarity for t in tasks]))
     assert use[1] and not use[2]
-    tasks = IterativeSegReg(progress=False).tasks(plan, fixed, moving)
+    # without its image term a region warps only its mask (no MIND channels to compute or warp)
+    outside = tasks[plan.regions.index(2)]
+    level = reg.region_level(plan, outside, fixed, fixed, plan.box_shape(outside.index), [1.0] * 3)
+    assert level.fixed.shape[1] == 0 and level.moving.shape[1] == 1
+    tasks = IterativeSegReg(progress=False).tasks(plan, fixed)
     assert all(t.use_similarity for t in tasks)
 
 

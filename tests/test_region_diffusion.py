@@ -1,3 +1,4 @@
+import pytest
 import torch
 from conftest import requires_cuda
 
@@ -55,3 +56,15 @@ def test_reduction_none_gives_one_value_per_case():
     for b in range(2):
         torch.testing.assert_close(per_case[b], RegionDiffusionLoss()(ddf[b : b + 1], regions[b : b + 1]))
     torch.testing.assert_close(RegionDiffusionLoss(reduction="sum")(ddf, regions), per_case.sum())
+
+
+def test_one_spacing_row_per_case_is_each_case_with_its_own_spacing():
+    # a linear field u_c = 0.5 x (voxels) costs (0.5 s_c / s_x)^2 averaged over components: analytic per case
+    x = torch.arange(10, dtype=torch.float32).view(1, 1, 10, 1, 1).expand(2, 3, 10, 8, 6)
+    ddf = 0.5 * x
+    rows = torch.tensor([[1.0, 1.0, 1.0], [2.0, 1.0, 4.0]])
+    got = RegionDiffusionLoss(reduction="none")(ddf, None, rows)
+    want = torch.stack([(0.5 * r / r[0]).pow(2).mean() for r in rows])
+    torch.testing.assert_close(got, want)
+    with pytest.raises(ValueError, match="one row per case"):
+        RegionDiffusionLoss()(ddf, None, torch.ones(3, 3))
