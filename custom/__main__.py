@@ -1,4 +1,4 @@
-"""SegReg command line: ``python -m custom <verb>`` (``make-data``, ``demo``, ``register``, ``warp``).
+"""SegReg command line: ``python -m custom <verb>`` (``make-data``, ``demo``, ``register``, ``warp``, ``export``).
 
 Run ``python -m custom <verb> --help`` for the options of a verb.
 """
@@ -165,10 +165,11 @@ def demo(
 
 
 def main() -> None:
+    from custom.export import export_bundle
     from custom.register import register, warp
 
     try:
-        fire.Fire({"make-data": make_data, "demo": demo, "register": register, "warp": warp})
+        fire.Fire({"make-data": make_data, "demo": demo, "register": register, "warp": warp, "export": export_bundle})
     except (InputError, FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -7,7 +7,7 @@ from pathlib import Path
 from monai.bundle import ConfigWorkflow
 
 REPO = Path(__file__).resolve().parent.parent
-SCHEMA = REPO.parent / "shared" / "meta_schema_20240725.json"
+SCHEMA = REPO / "tests" / "data" / "meta_schema_20240725.json"  # local copy of the Model Zoo schema (offline)
 
 # a 4-level UNet with 4 channels per level keeps a training iteration on a 32x32x16 pair well under a second
 TINY_NET = {
