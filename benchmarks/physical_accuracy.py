@@ -133,7 +133,8 @@ def main() -> None:
     sets = args.sets.split(",")
     parts = [
         "# Physical accuracy on the synthetic sets\n\nRegenerate: `python benchmarks/physical_accuracy.py`. "
-        "Training-free mode, ground-truth labels, means over the test pairs (2 CPU cores). 'box' and 'region' are "
+        "Training-free mode, ground-truth labels, means over the test pairs (2 CPU cores; CPU s are indicative, the "
+        "timed comparison with ConvexAdam is `iterative_speed.md`). 'box' and 'region' are "
         "the `reg_domain` settings: each region's field regularised over its whole crop or only inside its mask; "
         "'sigma 2' smooths the composition weights (Gaussian, 2 voxels) so the fields blend at region borders.\n"
     ]

@@ -139,6 +139,7 @@ def demo(
             epochs=epochs,
             val_interval=max(1, epochs // 3),
             learning_rate=1e-3,
+            overwrite=True,  # the demo's own folder: a rerun starts again
             output_dir=str(out / "runs" / name),
             **common,
         )

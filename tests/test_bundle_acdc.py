@@ -68,6 +68,7 @@ def test_multi_gpu_config_only_overrides_ids_that_train_defines():
         "train#dataloader#sampler",
         "validate#dataloader#sampler",
         "finalize",
+        "dist_backend",
     }
     for key in multi:
         assert key in train or key in new_ids, key
