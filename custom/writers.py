@@ -178,7 +178,24 @@ class RegistrationWriter:
         label = labels_to_grid(plain(ref).detach().cpu()[0], reg_affine, fixed_affine, fixed_shape).numpy()
         return epe_metrics(disp.numpy(), truth, moving_affine, label, self.labels, self.border_band)
 
+    def gather_rows(self) -> list[dict] | None:
+        """Every rank's rows, merged in pair order, on rank 0 (``None`` on the other ranks); this rank's rows without
+        ``torch.distributed``. Under torchrun each rank evaluates a share of the pairs (``DistributedSampler``)."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return self.rows
+        shares = [None] * dist.get_world_size()
+        dist.all_gather_object(shares, self.rows)
+        if dist.get_rank() != 0:
+            return None
+        return sorted((r for share in shares for r in share), key=lambda r: str(r.get("pair", "")))
+
     def write_table(self, engine=None) -> dict:
+        rows = self.gather_rows()
+        if rows is None:  # not rank 0: rank 0 writes the merged table
+            return {}
+        self.rows = rows
         if not self.rows:
             logger.warning("RegistrationWriter: no pairs were evaluated, no table written")
             return {}

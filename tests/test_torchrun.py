@@ -1,5 +1,6 @@
 """multi_gpu_train.json really runs under torchrun: two processes on CPU with the gloo backend (one short epoch)."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -39,3 +40,32 @@ def test_two_ranks_train_one_epoch_and_rank_0_saves_the_checkpoint(tmp_path):
     assert ckpt["segreg"]["variant"] == "edt_dice"
     assert not any(k.startswith("module.") for k in ckpt["model"])  # the DDP wrapper is not in the weights
     assert not (Path(tmp_path) / "eval").exists()
+
+
+def test_two_ranks_share_the_evaluation_pairs_and_rank_0_writes_one_merged_table(tmp_path):
+    from monai.bundle import ConfigParser
+
+    data = tmp_path / "acdc"
+    make_acdc(str(data), n_subjects=3, n_test=2, shape=(64, 64, 16), seed=3)  # 2 test patients -> 4 pairs
+    cfg = REPO / "bundles" / "segreg_acdc" / "configs"
+    parser = ConfigParser()  # random weights of the tiny network with the record inference checks
+    parser.read_config(str(cfg / "inference.json"))
+    parser.read_meta(str(cfg / "metadata.json"))
+    parser.update({k.lstrip("-"): eval(v) for k, v in zip(TINY[::2], TINY[1::2])})
+    torch.manual_seed(0)
+    (tmp_path / "models").mkdir()
+    net, info = parser.get_parsed_content("network_def"), parser.get_parsed_content("model_info")
+    torch.save({"model": net.state_dict(), "segreg": info.state_dict()}, tmp_path / "models" / "model_edt_dice.pt")
+    files = "[" + ",".join(f"'{cfg / f}'" for f in ("inference.json", "evaluate.json", "multi_gpu_evaluate.json")) + "]"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+           "monai.bundle", "run", "--config_file", files, "--dist_backend", "gloo", "--dataset_dir", str(data),
+           "--ckpt_dir", str(tmp_path / "models"), "--output_dir", str(tmp_path / "eval"), "--num_workers", "0",
+           "--pixdim", "[3.6,3.6,10.0]", "--spatial_size", "[32,32,16]", *TINY]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-3000:]
+    assert log.count("SupervisedEvaluator - INFO - Epoch[1] Complete") == 2  # both ranks evaluated
+    table = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    pairs = sorted(c["pair"] for c in table["cases"])
+    assert len(pairs) == 4 and len(set(pairs)) == 4  # every pair once, from both ranks
+    assert sorted(p.name[:-7] for p in (tmp_path / "eval" / "displacements").glob("*.nii.gz")) == pairs
