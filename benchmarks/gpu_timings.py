@@ -40,35 +40,16 @@ def measure(fn, device: torch.device) -> tuple[dict, object]:
 
 
 def thorax_case(out: Path, shape) -> dict:
-    from custom.datasets.learn2reg import learn2reg_pairs, read_keypoints
-    from custom.io import load_nifti
-    from custom.regions import load_merge_map, merge_labels
+    """The synthetic thorax validation pair of ``shape`` as ``iterative_speed.load_pair`` reads it."""
+    from iterative_speed import load_pair
+
+    from custom.datasets.learn2reg import learn2reg_pairs
     from custom.synthetic.thorax import make_thorax
 
     js = out / "thorax" / "ThoraxCBCT_dataset.json"
     if not js.exists():
         make_thorax(str(js.parent), n_subjects=2, shape=tuple(shape))
-    rec = learn2reg_pairs(js, "registration_val", "segmentationsTr")[0]
-    mapping = load_merge_map(REPO / "bundles" / "segreg_thorax" / "configs" / "totalsegmentator_to_segreg13.json")[
-        "map"
-    ]
-    fixed, affine = load_nifti(rec["fixed_image"])
-    moving = load_nifti(rec["moving_image"])[0]
-    fl, ml = (merge_labels(load_nifti(rec[k])[0], mapping, "ignore") for k in ("fixed_label", "moving_label"))
-
-    def t(a, scale=False):
-        a = torch.as_tensor(np.asarray(a, np.float32))[None, None]
-        return ((a + 1000) / 2000).clamp(0, 1) if scale else a
-
-    kp = [read_keypoints(rec[k]) for k in ("fixed_keypoints", "moving_keypoints")]
-    return {
-        "fixed": t(fixed, True),
-        "moving": t(moving, True),
-        "fixed_label": t(fl),
-        "moving_label": t(ml),
-        "spacing": np.linalg.norm(affine[:3, :3], axis=0).tolist(),
-        "keypoints": kp,
-    }
+    return load_pair(learn2reg_pairs(js, "registration_val", "segmentationsTr")[0])
 
 
 def iterative_rows(case: dict, device: torch.device) -> list[dict]:
