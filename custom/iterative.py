@@ -116,6 +116,9 @@ class IterativeSegReg:
         tolerance: a level stops when its loss improved by less than this fraction over the last ``patience`` steps
             (0 = always run every iteration).
         patience: the window (steps) of the early stop.
+        num_threads: at most this many torch CPU threads while a pair is registered (restored afterwards; ``None``:
+            torch's setting). The crops are small: on a 16-core CPU the synthetic thorax pair took 9.1 s wall with 4
+            threads against 10.8 s with 16, for a quarter of the CPU time (27.7 vs 102.8 CPU-s).
         max_padding: regions are batched while padding adds at most this fraction of voxels (0 = only equal crops
             share a batch; batching pays most on a GPU, padding costs most on a CPU).
 
@@ -147,6 +150,7 @@ class IterativeSegReg:
         tolerance: float = 1e-3,
         patience: int = 10,
         max_padding: float = 0.25,
+        num_threads: int | None = None,
     ) -> None:
         if field not in ("displacement", "velocity"):
             raise ValueError(f"field must be 'displacement' or 'velocity', got {field!r}")
@@ -180,6 +184,9 @@ class IterativeSegReg:
         self.sigma = None if sigma in (None, 0) else float(sigma)
         self.tolerance, self.patience = float(tolerance), max(1, int(patience))
         self.max_padding = float(max_padding)
+        if num_threads is not None and int(num_threads) < 1:
+            raise ValueError(f"num_threads must be a positive number of CPU threads or None, got {num_threads!r}")
+        self.num_threads = None if num_threads is None else int(num_threads)
         self.batched_terms = self._batched_terms()
         self.warp = Warp(mode="bilinear", padding_mode="zeros")
         self.warp_image = Warp(mode="bilinear", padding_mode="border")
@@ -379,6 +386,16 @@ class IterativeSegReg:
             fields[k] = batch.crop(out, b).detach()
 
     def __call__(self, fixed, moving, fixed_label, moving_label, spacing: Sequence[float] | None = None) -> dict:
+        threads = torch.get_num_threads()
+        if self.num_threads is not None and fixed.device.type == "cpu":
+            torch.set_num_threads(min(threads, self.num_threads))
+        try:
+            return self.register(fixed, moving, fixed_label, moving_label, spacing)
+        finally:
+            torch.set_num_threads(threads)
+
+    def register(self, fixed, moving, fixed_label, moving_label, spacing: Sequence[float] | None = None) -> dict:
+        """The registration of one pair (``__call__`` without the thread cap)."""
         if spacing is None and getattr(fixed, "affine", None) is not None:
             spacing = voxel_spacing(fixed.affine).tolist()
         fixed, moving = plain(fixed).float(), plain(moving).float()

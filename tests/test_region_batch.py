@@ -160,3 +160,25 @@ def test_composition_from_boxes_equals_whole_grid_smoothing_and_a_thin_region_ke
         assert 0 < float(plan.weights()[0, plan.regions.index(1), 11, 3, 6]) < 1 or sigma is None  # thick: blended
     plan = RegionPlan.build(p["fixed_regions"], p["moving_regions"], global_region=True)
     assert torch.equal(plan.region_weight(0), torch.ones_like(p["fixed"]))
+
+
+def test_thread_cap_applies_during_the_call_and_is_restored(monkeypatch):
+    p = sliding_slabs(shape=(16, 16, 8), shift=1)
+    seen = []
+    reg = IterativeSegReg(levels=(1,), iterations=(2,), num_threads=1, progress=False)
+    original = reg.register
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(reg, "register", spy)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        reg(p["fixed"], p["moving"], p["fixed_regions"], p["moving_regions"])
+        assert seen == [1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(ValueError, match="num_threads"):
+        IterativeSegReg(num_threads=0)
