@@ -64,7 +64,7 @@ class FieldComposer(torch.nn.Module):
         idx = (slice(None), slice(None)) + tuple(box)
         if tuple(field.shape[2:]) != tuple(out[idx].shape[2:]):
             raise ValueError(f"sub-field {tuple(field.shape)} does not fit its box {tuple(out[idx].shape)}")
-        if tuple(weight.shape[2:]) != tuple(field.shape[2:]) or tuple(weight.shape[2:]) == tuple(out.shape[2:]):
+        if tuple(weight.shape[2:]) == tuple(out.shape[2:]):  # whole-grid weight: cut its box out
             weight = weight[idx]
         out[idx] = out[idx] + weight.to(field.dtype) * field
         return out

@@ -296,8 +296,8 @@ class IterativeSegReg:
             reg = diffusion(u, batch.reg_domain, torch.tensor([r.spacing for r in batch.regions]))
             return w["sim"] * sims + w["mask"] * mask + w["reg"] * reg
         losses = []
+        crop = batch.crop
         for b, region in enumerate(batch.regions):
-            crop = batch.crop
             ub = crop(u, b)
             if n_img == 0:
                 sim = ub.new_zeros(())
@@ -364,13 +364,12 @@ class IterativeSegReg:
                 )
             todo = []
             for k, task in enumerate(tasks):
-                region = self.region_level(plan, task, fixed, moving, sizes[k], spacings[k])
-                small = task.region and float(region.fixed_masks.sum()) < self.min_region_voxels
-                if small and level != last:
-                    if bar is not None:
-                        bar.update(n_it)
-                    continue
-                todo.append((k, region))
+                if level != last and task.region:  # skip a region too small at this level before describing it
+                    if float(resize(plan.mask("fixed", task.index), sizes[k]).sum()) < self.min_region_voxels:
+                        if bar is not None:
+                            bar.update(n_it)
+                        continue
+                todo.append((k, self.region_level(plan, task, fixed, moving, sizes[k], spacings[k])))
             for use_similarity in (True, False):  # one channel layout per batch: features + masks, or masks only
                 same = [t for t in todo if t[1].use_similarity == use_similarity]
                 for group in group_by_shape([r.shape for _, r in same], self.max_padding):

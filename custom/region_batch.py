@@ -66,9 +66,7 @@ def pad_to(x: torch.Tensor, size: Sequence[int], mode: str = "constant") -> torc
     pads = []
     for n, m in zip(reversed(x.shape[2:]), reversed(tuple(size))):
         pads += [0, int(m) - int(n)]
-    if not any(pads):
-        return x
-    return F.pad(x, pads, mode=mode) if mode != "constant" else F.pad(x, pads)
+    return F.pad(x, pads, mode=mode) if any(pads) else x
 
 
 def valid_slices(shape: Sequence[int]) -> tuple[slice, ...]:

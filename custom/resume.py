@@ -14,17 +14,12 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
+import ignite.distributed as idist
 import torch
 from ignite.engine import Engine, Events
 
 from custom.io import atomic_path
 from custom.validation import InputError
-
-
-def _rank() -> int:
-    return (
-        torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
-    )
 
 
 class LastCheckpoint:
@@ -74,7 +69,7 @@ class LastCheckpoint:
             )
 
     def save(self, engine: Engine) -> None:
-        if _rank() != 0:
+        if idist.get_rank() != 0:  # one writer under torchrun
             return
         state = {}
         for k, obj in self.save_dict.items():
