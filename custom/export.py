@@ -199,6 +199,7 @@ def export_bundle(
     checkpoint: str | None = None,
     metrics: str | None = None,
     overwrite: bool = False,
+    require_weights: bool = True,
 ) -> str:
     """Write ``out_dir/<bundle>/`` (Model Zoo layout, self-contained) and ``out_dir/<bundle>_v<version>.zip``.
 
@@ -209,6 +210,8 @@ def export_bundle(
             its default variant, if present). Training-free bundles ship none.
         metrics: a ``metrics.json`` written by the bundle's evaluation; its means become ``eval_metrics``.
         overwrite: replace an existing export.
+        require_weights: refuse a trained bundle without weights (a Model Zoo release); ``False`` exports it
+            without ``models/model.pt`` (the MONAI Label app trains it first).
     """
     if bundle not in BUNDLES:
         raise InputError(f"unknown bundle {bundle!r} (--bundle); choose one of {list(BUNDLES)}")
@@ -240,14 +243,18 @@ def export_bundle(
         meta = update_metadata(meta, bundle, summary)
         (stage / "configs" / "metadata.json").write_text(json.dumps(meta, indent=4) + "\n")
         (stage / "models").mkdir()
+        ckpt = None
         if bundle not in TRAINING_FREE:
             ckpt = Path(checkpoint) if checkpoint else _default_checkpoint(src)
-            if ckpt is None or not ckpt.is_file():
+            missing = ckpt is None or not ckpt.is_file()
+            if missing and (require_weights or checkpoint):
                 raise FileNotFoundError(
                     f"no weights to export for {bundle} ({ckpt or src / 'models'}); train the bundle first "
                     "(python -m monai.bundle run training --config_file <bundle>/configs/train.json) or pass "
                     "--checkpoint"
                 )
+            ckpt = None if missing else ckpt
+        if ckpt is not None:
             shutil.copy2(ckpt, stage / "models" / "model.pt")
             (stage / "large_files.yml").write_text(large_files_yml(stage / "models" / "model.pt", "models/model.pt"))
         (stage / "docs" / "data_license.txt").write_text(DATA_LICENSE)

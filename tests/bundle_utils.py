@@ -4,7 +4,8 @@ import json
 import tempfile
 from pathlib import Path
 
-from monai.bundle import ConfigWorkflow
+import torch
+from monai.bundle import ConfigParser, ConfigWorkflow
 
 REPO = Path(__file__).resolve().parent.parent
 SCHEMA = REPO / "tests" / "data" / "meta_schema_20240725.json"  # local copy of the Model Zoo schema (offline)
@@ -52,3 +53,17 @@ def error_text(err: BaseException) -> str:
         parts.append(str(err))
         err = err.__cause__ or err.__context__
     return " | ".join(parts)
+
+
+def random_checkpoint(bundle: str, path: Path, **override) -> Path:
+    """Weights of the bundle's (tiny) network with the checkpoint record its inference config checks."""
+    parser = ConfigParser()
+    parser.read_config(str(REPO / "bundles" / bundle / "configs" / "inference.json"))
+    parser.read_meta(str(REPO / "bundles" / bundle / "configs" / "metadata.json"))
+    parser.update(override)
+    torch.manual_seed(0)
+    net = parser.get_parsed_content("network_def")
+    info = parser.get_parsed_content("model_info")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": net.state_dict(), "segreg": info.state_dict()}, path)
+    return path

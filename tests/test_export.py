@@ -11,7 +11,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 import torch
-from bundle_utils import REPO, SCHEMA, TINY_NET
+from bundle_utils import REPO, SCHEMA, TINY_NET, random_checkpoint
 from monai.bundle import ConfigParser, ConfigWorkflow
 
 from custom.export import TRAINING_FREE, export_bundle, rewrite_expression
@@ -27,20 +27,6 @@ SMALL = {
     "segreg_thorax": THORAX_SMALL,
 }
 MAX_FILE_MB = 25  # the Model Zoo's limit for files in the repository (weights go to large_files.yml)
-
-
-def random_checkpoint(bundle: str, path: Path, **override) -> Path:
-    """Weights of the bundle's (tiny) network with the checkpoint record its inference config checks."""
-    parser = ConfigParser()
-    parser.read_config(str(REPO / "bundles" / bundle / "configs" / "inference.json"))
-    parser.read_meta(str(REPO / "bundles" / bundle / "configs" / "metadata.json"))
-    parser.update(override)
-    torch.manual_seed(0)
-    net = parser.get_parsed_content("network_def")
-    info = parser.get_parsed_content("model_info")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": net.state_dict(), "segreg": info.state_dict()}, path)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -194,3 +180,16 @@ def test_export_command_refuses_unknown_bundles_and_existing_exports(exports, tm
     assert bad.returncode == 2 and "unknown bundle 'segreg_lung'" in bad.stderr
     with pytest.raises(FileExistsError, match="--overwrite"):
         export_bundle("segreg_thorax", str(exports["segreg_thorax"].parent))
+
+
+def test_a_trained_bundle_without_weights_is_refused_unless_asked_for(tmp_path):
+    """A Zoo release needs its weights; the MONAI Label app exports the bundle without them and trains it first."""
+    missing = tmp_path / "none.pt"
+    with pytest.raises(FileNotFoundError, match="train the bundle first"):
+        export_bundle("segreg_acdc", str(tmp_path / "a"), checkpoint=str(missing))
+    with pytest.raises(FileNotFoundError, match="train the bundle first"):  # an explicit checkpoint must exist
+        export_bundle("segreg_acdc", str(tmp_path / "b"), checkpoint=str(missing), require_weights=False)
+    out = Path(export_bundle("segreg_acdc", str(tmp_path / "c"), require_weights=False))
+    assert (out / "configs" / "train.json").is_file() and (out / "custom" / "plan.py").is_file()
+    if not (REPO / "bundles" / "segreg_acdc" / "models" / "model_edt_dice.pt").is_file():  # nothing to ship
+        assert not any((out / "models").iterdir()) and not (out / "large_files.yml").exists()
