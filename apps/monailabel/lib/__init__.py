@@ -1,0 +1,1 @@
+"""Tasks and pairing rules of the SegReg MONAI Label app."""
