@@ -120,7 +120,8 @@ def main() -> None:
     acdc = [r for r in acdc_split(data / "acdc", "test") if "true_displacement" in r]
     thorax = learn2reg_pairs(data / "thorax" / "ThoraxCBCT_dataset.json", "registration_val", "segmentationsTr")
     abdomen_json = data / "abdomen" / "AbdomenCTCT_dataset.json"
-    write_pair_truths(abdomen_json, learn2reg_split(abdomen_json, "test", 4, 2))  # fixed -> moving truth per pair
+    # fixed -> moving truth per pair (rewritten: cheap, and sets made before the region-aware inversion are stale)
+    write_pair_truths(abdomen_json, learn2reg_split(abdomen_json, "test", 4, 2), overwrite=True)
     abdomen = learn2reg_split(abdomen_json, "test", 4, 2)
     merge = load_merge_map(REPO / "bundles" / "segreg_thorax" / "configs" / "totalsegmentator_to_segreg13.json")["map"]
     # the segreg_thorax bundle's settings: HU window, CBCT field-of-view rule, schedule

@@ -7,12 +7,16 @@ the ``custom`` package the bundle used (its own copy).
 
 import importlib.util
 import json
+import os
 import sys
 
 args = json.loads(sys.argv[1])
 repo = args.pop("repo")
 sys.meta_path = [f for f in sys.meta_path if "editable" not in (repr(f) + type(f).__module__).lower()]
-sys.path = [p for p in sys.path if "__editable__" not in p and not p.startswith(repo)]
+repo = os.path.realpath(repo)
+sys.path = [  # a venv beside the clone (/x/repo-venv) shares the prefix "/x/repo" but is not inside it
+    p for p in sys.path if "__editable__" not in p and os.path.commonpath([os.path.realpath(p or "."), repo]) != repo
+]
 if importlib.util.find_spec("custom") is not None:
     raise SystemExit(f"the repository's custom package is still importable from {importlib.util.find_spec('custom')}")
 

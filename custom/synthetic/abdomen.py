@@ -128,42 +128,72 @@ def make_abdomen(
     return path
 
 
-def pair_truth(fixed_to_template: np.ndarray, moving_to_template: np.ndarray, iterations: int = 30):
-    """Exact-as-possible fixed -> moving displacement ``(3, *S)`` (voxels) of two synthetic subjects.
+def pair_truth(
+    fixed_to_template: np.ndarray,
+    moving_to_template: np.ndarray,
+    fixed_label: np.ndarray | None = None,
+    moving_label: np.ndarray | None = None,
+    iterations: int = 30,
+):
+    """Fixed -> moving displacement ``(3, *S)`` (voxels) of two synthetic subjects, exact up to interpolation.
 
     Each subject is the template sampled at ``x + u_s(x)``, so fixed voxel x shows template point
     ``y = x + u_F(x)``, and the moving voxel showing it solves ``z + u_M(z) = y``; ``z`` is found by fixed-point
-    iteration (the fields are small and smooth within organs). Returns ``(z - x, residual)`` with the residual
-    ``|z + u_M(z) - y|`` in voxels (large only where the moving subject's field folds or slides).
+    iteration. ``u_M`` jumps where organs slide, so with the label maps given the iteration for a fixed voxel of
+    region i samples ``u_M`` of the moving subject's region i only (extended outside it by its nearest value): that is
+    the smooth field that region was moved with, and the iteration converges to the point of the same organ.
+    Returns ``(z - x, residual)`` with the residual ``|z + u_M(z) - y|`` in voxels (with labels: of the regional field).
     """
+    from scipy.ndimage import distance_transform_edt
+
     g = identity_grid(fixed_to_template.shape[1:])
     y = g + fixed_to_template
     z = y.copy()
+    residual = np.zeros(y.shape[1:], np.float32)
 
-    def u_m(points):
-        return np.stack([map_coordinates(moving_to_template[c], points, order=1, mode="nearest") for c in range(3)])
+    def solve(field, sel):
+        points = y[:, sel]
+        zz = points.copy()
 
-    for _ in range(int(iterations)):
-        z = y - u_m(z)
-    residual = np.linalg.norm(z + u_m(z) - y, axis=0)
+        def u(q):
+            return np.stack([map_coordinates(field[c], q, order=1, mode="nearest") for c in range(3)])
+
+        for _ in range(int(iterations)):
+            zz = points - u(zz)
+        z[:, sel] = zz
+        residual[sel] = np.linalg.norm(zz + u(zz) - points, axis=0)
+
+    if fixed_label is None or moving_label is None:
+        solve(moving_to_template, np.ones(y.shape[1:], bool))
+        return (z - g).astype(np.float32), residual
+    for lab in np.unique(fixed_label):
+        sel = fixed_label == lab
+        inside = moving_label == lab
+        if not inside.any():  # the region vanished in the moving subject: use the composite field
+            solve(moving_to_template, sel)
+            continue
+        idx = distance_transform_edt(~inside, return_distances=False, return_indices=True)
+        solve(moving_to_template[:, idx[0], idx[1], idx[2]], sel)
     return (z - g).astype(np.float32), residual
 
 
-def write_pair_truths(json_path, pairs) -> list[Path]:
+def write_pair_truths(json_path, pairs, overwrite: bool = False) -> list[Path]:
     """Write ``gtdisp/disp_<fixed>_<moving>.nii.gz`` (Learn2Reg names) for ``pairs`` of ``{fixed_image, moving_image}``
-    records of a synthetic AbdomenCTCT set; the readers then attach them as ``true_displacement``."""
+    records of a synthetic AbdomenCTCT set; the readers then attach them as ``true_displacement``. Existing files are
+    kept unless ``overwrite`` (sets made before 2026-11-26 hold truths inverted across sliding borders: rewrite)."""
     from custom.io import learn2reg_disp_name, load_nifti
 
     root = Path(json_path).parent
     written = []
     for p in pairs:
         out = root / "gtdisp" / learn2reg_disp_name(p["fixed_image"], p["moving_image"])
-        if out.exists():
+        if out.exists() and not overwrite:
             continue
-        fields = []
+        fields, labels = [], []
         for k in ("fixed_image", "moving_image"):
             arr, affine = load_nifti(root / "gtdisp" / Path(p[k]).name.replace("_0000.nii.gz", "_template.nii.gz"))
             fields.append(np.moveaxis(np.asarray(arr, np.float32), -1, 0))
-        truth, _ = pair_truth(*fields)
+            labels.append(np.asarray(load_nifti(root / "labelsTr" / Path(p[k]).name)[0]))
+        truth, _ = pair_truth(*fields, *labels)
         written.append(save_displacement(truth, out, affine))
     return written
