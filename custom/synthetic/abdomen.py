@@ -1,9 +1,12 @@
 """Synthetic inter-subject abdominal CT in the Learn2Reg AbdomenCTCT layout (13 organs).
 
 Each subject is a template anatomy pulled through its own piecewise field (every organ its own smooth shift, the
-body a smoother one, so organs slide against each other). Writes ``imagesTr/``, ``labelsTr/``, ``masksTr/``,
-``AbdomenCTCT_dataset.json``, ``gtdisp/AbdomenCTCT_XXXX_template.nii.gz`` (subject -> template displacement) and, for
-the ``registration_val`` pairs, ``gtdisp/disp_XXXX_YYYY.nii.gz`` (fixed -> moving, from the two subject fields).
+body a smoother one, so organs slide against each other). An organ appears only where its own field brought it; where
+the body's field reaches into the place an organ left, the surrounding tissue fills the gap. Writes ``imagesTr/``,
+``labelsTr/``, ``masksTr/``, ``AbdomenCTCT_dataset.json`` (with the generator's recipe), ``gtdisp/AbdomenCTCT_XXXX_
+template.nii.gz`` (subject -> template displacement) and, for the ``registration_val`` pairs,
+``gtdisp/disp_XXXX_YYYY.nii.gz``: the fixed -> moving truth, exact inside every organ (``exact_pair_truth``: each
+subject's organ fields are regenerated from ``(seed, subject)``).
 """
 
 from __future__ import annotations
@@ -73,6 +76,19 @@ def template(shape) -> tuple[np.ndarray, np.ndarray]:
     return label, body
 
 
+def subject_motion(shape, seed: int, k: int) -> tuple[dict[int, np.ndarray], np.ndarray]:
+    """Subject ``k``'s motion from the template: one smooth field per organ (an organ shift plus a local
+    deformation) and a smoother background field, ``(3, *shape)`` voxels each. Regenerated exactly from
+    ``(seed, k)``, which is how the pairwise truth is computed (``write_pair_truths``)."""
+    rng = np.random.default_rng([int(seed), int(k)])
+    scale = min(shape) / 56.0
+    fields = {
+        lab: (smooth_field(shape, 3.0 * scale, 6.0, rng) + rng.uniform(-3, 3, (3, 1, 1, 1)) * scale).astype(np.float32)
+        for lab in ORGANS
+    }
+    return fields, smooth_field(shape, 2.0 * scale, 10.0, rng)
+
+
 def make_abdomen(
     out_dir: str, n_subjects: int = 8, shape=(64, 56, 80), spacing=(2.0, 2.0, 2.0), seed: int = 0, n_val_pairs: int = 4
 ) -> Path:
@@ -82,21 +98,19 @@ def make_abdomen(
     affine = spacing_affine(spacing)
     shape = tuple(int(s) for s in shape)
     t_label, t_body = template(shape)
-    t_image = np.where(t_body, render(t_label, HU, smooth_noise(shape, 1.5, rng), 60.0), -1000.0).astype(np.float32)
+    texture = smooth_noise(shape, 1.5, rng)
+    t_image = np.where(t_body, render(t_label, HU, texture, 60.0), -1000.0).astype(np.float32)
+    # the tissue around the organs (fat, muscle) continues behind them: it fills the gap where an organ slid away
+    t_tissue = np.where(t_body, render(np.zeros_like(t_label), HU, texture, 60.0), -1000.0).astype(np.float32)
     training = []
     for k in tqdm(range(n_subjects), desc="synthetic AbdomenCTCT", leave=False):
         name = f"AbdomenCTCT_{k + 1:04d}_0000.nii.gz"
-        scale = min(shape) / 56.0
-        fields = {
-            lab: (smooth_field(shape, 3.0 * scale, 6.0, rng) + rng.uniform(-3, 3, (3, 1, 1, 1)) * scale)
-            for lab in ORGANS
-        }
-        background = smooth_field(shape, 2.0 * scale, 10.0, rng)
-        fields = {lab: f.astype(np.float32) for lab, f in fields.items()}
-        ddf = compose_sliding(t_label, fields, background, PRIORITY)
-        label = sample(t_label, ddf, order=0).astype(np.uint8)
+        fields, background = subject_motion(shape, seed, k + 1)
+        ddf, owner = compose_sliding(t_label, fields, background, PRIORITY, return_owner=True)
+        label = owner.astype(np.uint8)  # an organ shows only where its own field brought it (no second copy)
         body = sample(t_body.astype(np.uint8), ddf, order=0)
-        image = sample(t_image, ddf, order=1) + rng.normal(0, 15, shape).astype(np.float32)
+        image = np.where(owner > 0, sample(t_image, ddf, order=1), sample(t_tissue, ddf, order=1))
+        image = image + rng.normal(0, 15, shape).astype(np.float32)
         save_nifti(image.astype(np.float32), root / "imagesTr" / name, affine)
         save_nifti(label, root / "labelsTr" / name, affine, dtype=np.uint8)
         save_nifti(body, root / "masksTr" / name, affine, dtype=np.uint8)
@@ -122,6 +136,8 @@ def make_abdomen(
         "registration_val": pairs,
         "numTest": 0,
         "test": [],
+        # how the subjects were made: write_pair_truths regenerates each subject's organ fields from these
+        "synthetic": {"generator": "custom.synthetic.abdomen", "seed": int(seed), "shape": list(shape)},
     }
     path = save_json(spec, root / "AbdomenCTCT_dataset.json")
     write_pair_truths(path, [{"fixed_image": p["fixed"], "moving_image": p["moving"]} for p in pairs])
@@ -177,13 +193,44 @@ def pair_truth(
     return (z - g).astype(np.float32), residual
 
 
+def exact_pair_truth(
+    fixed_to_template: np.ndarray,
+    fixed_label: np.ndarray,
+    moving_fields: dict[int, np.ndarray],
+    moving_background: np.ndarray,
+    iterations: int = 50,
+) -> np.ndarray:
+    """Fixed -> moving displacement ``(3, *S)`` (voxels) from the moving subject's own organ fields.
+
+    Fixed voxel x shows template point ``y = x + u_F(x)`` of organ ``i = fixed_label(x)``. That organ's material sits,
+    in the moving subject, at the z with ``z + f_i(z) = y`` (``f_i`` the smooth field organ i was moved with;
+    the background field for label 0), found by fixed-point iteration. This holds across sliding borders and for thin
+    organs, where inverting the composite field (``pair_truth``) lands on a neighbouring organ.
+    """
+    g = identity_grid(fixed_to_template.shape[1:])
+    out = np.zeros_like(fixed_to_template, dtype=np.float32)
+    for lab in np.unique(fixed_label):
+        sel = fixed_label == lab
+        field = moving_fields.get(int(lab), moving_background)
+        y = g[:, sel] + fixed_to_template[:, sel]
+        z = y.copy()
+        for _ in range(int(iterations)):
+            z = y - np.stack([map_coordinates(field[c], z, order=1, mode="nearest") for c in range(3)])
+        out[:, sel] = z - g[:, sel]
+    return out
+
+
 def write_pair_truths(json_path, pairs, overwrite: bool = False) -> list[Path]:
     """Write ``gtdisp/disp_<fixed>_<moving>.nii.gz`` (Learn2Reg names) for ``pairs`` of ``{fixed_image, moving_image}``
     records of a synthetic AbdomenCTCT set; the readers then attach them as ``true_displacement``. Existing files are
     kept unless ``overwrite`` (sets made before 2026-11-26 hold truths inverted across sliding borders: rewrite)."""
+    import json
+    import re
+
     from custom.io import learn2reg_disp_name, load_nifti
 
     root = Path(json_path).parent
+    recipe = json.loads(Path(json_path).read_text()).get("synthetic")
     written = []
     for p in pairs:
         out = root / "gtdisp" / learn2reg_disp_name(p["fixed_image"], p["moving_image"])
@@ -194,6 +241,10 @@ def write_pair_truths(json_path, pairs, overwrite: bool = False) -> list[Path]:
             arr, affine = load_nifti(root / "gtdisp" / Path(p[k]).name.replace("_0000.nii.gz", "_template.nii.gz"))
             fields.append(np.moveaxis(np.asarray(arr, np.float32), -1, 0))
             labels.append(np.asarray(load_nifti(root / "labelsTr" / Path(p[k]).name)[0]))
-        truth, _ = pair_truth(*fields, *labels)
+        if recipe:  # exact: the moving subject's organ fields, regenerated
+            k = int(re.search(r"_(\d{4})_0000", Path(p["moving_image"]).name).group(1))
+            truth = exact_pair_truth(fields[0], labels[0], *subject_motion(tuple(recipe["shape"]), recipe["seed"], k))
+        else:  # a set made before the recipe was stored: invert the composite field region by region
+            truth, _ = pair_truth(*fields, *labels)
         written.append(save_displacement(truth, out, affine))
     return written

@@ -26,21 +26,28 @@ def sample(volume: np.ndarray, ddf: np.ndarray, order: int) -> np.ndarray:
 
 
 def compose_sliding(
-    moving_label: np.ndarray, fields: Mapping[int, np.ndarray], background: np.ndarray, priority: Sequence[int]
-) -> np.ndarray:
+    moving_label: np.ndarray,
+    fields: Mapping[int, np.ndarray],
+    background: np.ndarray,
+    priority: Sequence[int],
+    return_owner: bool = False,
+):
     """Ground-truth ``(3, *S)`` field: region i's field where ``moving_label(x + u_i(x)) == i``, else background.
 
-    ``fields`` maps a label id to its field; ids not in ``fields`` use ``background`` (so they move with it).
+    ``fields`` maps a label id to its field; ids not in ``fields`` use ``background`` (so they move with it). With
+    ``return_owner`` also returns the ``(*S)`` map of which field moved each voxel (its label id; 0 = background):
+    where the background field reaches into a region that moved away, the voxel shows what fills the gap, not a
+    second copy of the region (see ``custom.synthetic.abdomen``).
     """
     ddf = background.copy()
-    claimed = np.zeros(moving_label.shape, bool)
+    owner = np.zeros(moving_label.shape, np.int16)
     for lab in priority:
         if lab not in fields:
             continue
-        hit = (sample(moving_label, fields[lab], order=0) == lab) & ~claimed
+        hit = (sample(moving_label, fields[lab], order=0) == lab) & (owner == 0)
         ddf[:, hit] = fields[lab][:, hit]
-        claimed |= hit
-    return ddf
+        owner[hit] = lab
+    return (ddf, owner) if return_owner else ddf
 
 
 def smooth_noise(shape, sigma: float, rng: np.random.Generator) -> np.ndarray:
