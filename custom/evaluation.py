@@ -35,6 +35,7 @@ CONVENTIONS = {
     "epe_mm": "end-point error against the true displacement, mm: |A (u - u_true)| with A the moving image's voxel "
     "axes, averaged over the fixed image's original grid (where the data set stores the exact motion).",
     "epe_<label>_mm": "the same, averaged inside the fixed ground-truth label.",
+    "epe_labelled_mm": "the same, averaged over every labelled (non-background) voxel of the fixed ground truth.",
     "epe_border_mm": "the same, in the band of 'border_band' voxels around every border between labels (where "
     "organs slide).",
     "through_plane_mm": "mean |through-plane displacement| in mm over the foreground where the truth has none "
@@ -171,6 +172,8 @@ def epe_metrics(
     if fixed_label is None:
         return row
     fixed_label = np.rint(fixed_label).astype(np.int64)
+    if (fixed_label > 0).any():
+        row["epe_labelled_mm"] = float(err[fixed_label > 0].mean())
     for k, name in (labels or {}).items():
         inside = fixed_label == int(k)
         if int(k) != 0 and inside.any():

@@ -140,3 +140,29 @@ def test_smoothed_composition_reaches_the_plan():
     w = plan.weights()
     assert plan.composer.sigma == 2.0 and 0 < float(w[0, 0, 7, 8, 4]) < 1  # blended next to the border at x = 8
     torch.testing.assert_close(w.sum(1), torch.ones_like(w[:, 0]))
+
+
+@pytest.mark.parametrize("centroid_init", [0.5, 0.0])
+def test_a_small_region_that_moved_further_than_its_size_starts_from_its_centroid_translation(centroid_init):
+    # a 3x3x3 cube moved by 7 voxels: its masks do not touch, so Dice gives no gradient and the 2-voxel-wide
+    # MIND patches barely see it; the centroid translation (the analytic answer here) starts it in place
+    shape = (32, 24, 16)
+    fixed_lab = torch.zeros((1, 1) + shape)
+    fixed_lab[..., 2:30, 2:22, 2:6] = 1  # a large static region below
+    moving_lab = fixed_lab.clone()
+    fixed_lab[..., 8:11, 10:13, 9:12] = 2
+    moving_lab[..., 15:18, 10:13, 9:12] = 2
+    texture = torch.rand((1, 1) + shape) * 0.1
+    fixed, moving = fixed_lab * 0.3 + texture, moving_lab * 0.3 + texture
+    reg = IterativeSegReg(levels=(2, 1), iterations=(30, 20), centroid_init=centroid_init, **FREE)
+    ddf = reg(fixed, moving, fixed_lab, moving_lab)["ddf"]
+    inside = fixed_lab[0, 0] == 2
+    shift = ddf[0, 0][inside].mean()
+    # fixed cube voxels that land in the moving cube (Dice would also count the background's own field, which maps
+    # the gap the cube left onto the moving cube: the sliding fill, not this region's registration)
+    landed = float((Warp("nearest")(moving_lab, ddf)[0, 0][inside] == 2).float().mean())
+    if centroid_init:
+        assert abs(shift - 7.0) < 0.5 and landed > 0.95, (shift, landed)
+        assert ddf[0, 1:][:, inside].abs().max() < 0.5
+    else:  # without it the cube stays where it was: the case the initialisation exists for
+        assert shift < 3.0 and landed < 0.5, (shift, landed)
