@@ -55,6 +55,25 @@ def test_sampler_outputs_masked_pair_and_edt():
     assert out["moving_region_edt"].max() == 1.0 and out["moving_region_edt"][out["moving_region_mask"] == 0].max() == 0
 
 
+def test_several_regions_per_pair_form_one_batch_of_distinct_regions():
+    from monai.data import DataLoader, Dataset
+
+    from custom.training import RegionPairBatch
+
+    t = RandRegionPaird(num_samples=2)
+    t.set_random_state(0)
+    drawn = [tuple(o["region_id"] for o in t(case())) for _ in range(200)]
+    assert all(len(set(ids)) == 2 and set(ids) <= {0, 1, 2} for ids in drawn)
+    assert set(drawn) == {(0, 1), (0, 2), (1, 2)}  # every pair of the 3 shared regions comes up
+    every = RandRegionPaird(num_samples=8)(case())  # more than the pair has: each shared region once
+    assert sorted(o["region_id"] for o in every) == [0, 1, 2]
+    batch = next(iter(DataLoader(Dataset([case(), case()], transform=RandRegionPaird(num_samples=3)), batch_size=2)))
+    inputs, targets = RegionPairBatch()(batch)
+    assert inputs.shape == (6, 2, 8, 8, 8) and targets["fixed_mask"].shape == (6, 1, 8, 8, 8)
+    with pytest.raises(ValueError, match="num_samples"):
+        RandRegionPaird(num_samples=0)
+
+
 def test_empty_label_map_is_a_clear_error_naming_the_file():
     d = case()
     d["moving_label"] = MetaTensor(torch.zeros_like(d["moving_label"]), meta={"filename_or_obj": "/data/m_gt.nii.gz"})

@@ -55,7 +55,7 @@ class SegRegApp(MONAILabelApp):
             conf=conf,
             name="SegReg label propagation",
             description="Segmentation-driven deformable registration: propagate a label map to another image",
-            version="0.3.0",
+            version="0.3.1",
         )
 
     def init_infers(self):
