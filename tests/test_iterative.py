@@ -28,6 +28,14 @@ SETTINGS = dict(
 )
 
 
+def register_label_images(fixed_lab, moving_lab, **settings):
+    """Displacement of a pair whose images are its label maps (0.3 per id) over one shared texture (2 levels)."""
+    texture = torch.rand((1, 1) + tuple(fixed_lab.shape[2:])) * 0.1
+    fixed, moving = fixed_lab * 0.3 + texture, moving_lab * 0.3 + texture
+    reg = IterativeSegReg(levels=(2, 1), iterations=(30, 20), **settings, **FREE)
+    return reg(fixed, moving, fixed_lab, moving_lab)["ddf"]
+
+
 def organ_dice(p, ddf):
     warped = Warp("nearest")(p["moving_organs"], ddf)
     return dice_per_label(warped, p["fixed_organs"], [1, 2])
@@ -123,10 +131,7 @@ def test_a_thin_small_region_is_registered(reg_domain):
     moving_lab = fixed_lab.clone()
     moving_lab[..., 6:18, 14:16, 5:7] = 0
     moving_lab[..., 6:18, 16:18, 5:7] = 2
-    texture = torch.rand((1, 1) + shape) * 0.1
-    fixed, moving = fixed_lab * 0.3 + texture, moving_lab * 0.3 + texture
-    reg = IterativeSegReg(levels=(2, 1), iterations=(30, 20), reg_domain=reg_domain, **FREE)
-    ddf = reg(fixed, moving, fixed_lab, moving_lab)["ddf"]
+    ddf = register_label_images(fixed_lab, moving_lab, reg_domain=reg_domain)
     before = dice_per_label(moving_lab, fixed_lab, [2])[0]
     after = dice_per_label(Warp("nearest")(moving_lab, ddf), fixed_lab, [2])[0]
     assert before == 0 and after > 50, (before, after)
@@ -152,10 +157,7 @@ def test_a_small_region_that_moved_further_than_its_size_starts_from_its_centroi
     moving_lab = fixed_lab.clone()
     fixed_lab[..., 8:11, 10:13, 9:12] = 2
     moving_lab[..., 15:18, 10:13, 9:12] = 2
-    texture = torch.rand((1, 1) + shape) * 0.1
-    fixed, moving = fixed_lab * 0.3 + texture, moving_lab * 0.3 + texture
-    reg = IterativeSegReg(levels=(2, 1), iterations=(30, 20), centroid_init=centroid_init, **FREE)
-    ddf = reg(fixed, moving, fixed_lab, moving_lab)["ddf"]
+    ddf = register_label_images(fixed_lab, moving_lab, centroid_init=centroid_init)
     inside = fixed_lab[0, 0] == 2
     shift = ddf[0, 0][inside].mean()
     # fixed cube voxels that land in the moving cube (Dice would also count the background's own field, which maps
