@@ -69,7 +69,9 @@ def build_studies(root: Path) -> dict:
     shutil.copy(abdomen / "labelsTr" / "AbdomenCTCT_0002_0000.nii.gz", studies / "labels" / "final")
     seg_images = [abdomen / "imagesTr" / f"AbdomenCTCT_000{k}_0000.nii.gz" for k in (3, 4)]
     seg = make_segmentation_bundle(root / "seg_bundle", seg_images, [abdomen / "labelsTr" / p.name for p in seg_images])
-    return {"studies": studies, "gt": gt, "thorax": thorax, "seg_bundle": seg}
+    # the ES frame of each patient (ED is frame01; the ES frame number differs per patient, as in ACDC)
+    es = {k.split("_")[0]: k for k in gt if k.startswith("patient") and not k.endswith("_frame01")}
+    return {"studies": studies, "gt": gt, "thorax": thorax, "seg_bundle": seg, "es": es}
 
 
 def perturbed_checkpoint(path: Path) -> Path:
@@ -213,7 +215,7 @@ def test_thorax_propagates_the_planning_ct_labels_onto_the_cbct(server, tmp_path
 def test_acdc_result_is_what_the_exported_bundle_computes(server, tmp_path):
     """The default moving image of an ES frame is the patient's other (ED) frame; the app's label map equals the one
     the bundle writes when run directly on the same pair."""
-    fixed_id, moving_id = "patient001_frame11", "patient001_frame01"
+    fixed_id, moving_id = server["es"]["patient001"], "patient001_frame01"
     studies, labels = server["studies"], server["studies"] / "labels" / "final"
     result = infer(server, "segreg_acdc", fixed_id, tmp_path / "label.nii.gz")
     assert_same_header(result, studies / f"{fixed_id}.nii.gz")
@@ -266,7 +268,7 @@ def test_requests_it_cannot_serve_get_a_400_with_the_fix(server):
     assert r.status_code == 400 and "no label map" in r.text and "fixed_label_tag" in r.text
     r = requests.post(
         f"{url}/infer/segreg_acdc",
-        params={"image": "patient001_frame11", "output": "json"},
+        params={"image": server["es"]["patient001"], "output": "json"},
         files={"params": (None, json.dumps({"moving_image": "patient999_frame01"}))},
         timeout=60,
     )
@@ -278,6 +280,13 @@ def test_requests_it_cannot_serve_get_a_400_with_the_fix(server):
         timeout=60,
     )
     assert r.status_code == 400 and "planning CT" in r.text
+    r = requests.post(
+        f"{url}/infer/segreg_thorax",
+        params={"image": "ThoraxCBCT_0099_0001", "output": "json"},
+        files={"params": (None, "{}")},
+        timeout=60,
+    )
+    assert r.status_code == 400 and "not in the datastore" in r.text
 
 
 def test_train_builds_pairs_by_subject_and_the_next_inference_uses_the_weights(server, tmp_path):
@@ -294,7 +303,7 @@ def test_train_builds_pairs_by_subject_and_the_next_inference_uses_the_weights(s
     # 3 patients, both directions within each: 2 patients train (4 pairs), 1 validates (2 pairs)
     assert (stats["train_pairs"], stats["val_pairs"], stats["epochs"], stats["validation_held_out"]) == (4, 2, 1, True)
     assert stats["best_metric"] is not None and model.read_bytes() != before
-    fixed_id = "patient002_frame11"
+    fixed_id = server["es"]["patient002"]
     result = infer(server, "segreg_acdc", fixed_id, tmp_path / "label.nii.gz")
     truth = array(server["gt"][fixed_id])
     unregistered = dice(array(server["gt"]["patient002_frame01"]), truth, (1, 2, 3))

@@ -118,6 +118,8 @@ class SegRegInferTask(BasicInferTask):
         """Fill ``fixed_image``, ``moving_image``, ``moving_label`` and (where one exists) ``fixed_label`` paths."""
         ds = self.datastore()
         fixed = str(data["image"])
+        if not fixed:
+            raise bad_request("the requested image is not in the datastore: pass an image id that GET /datastore lists")
         if not os.path.isfile(fixed):
             raise bad_request(f"image {fixed} is not a file; SegReg takes NIfTI volumes (not DICOM series)")
         fixed_id = image_id_of(ds, fixed)
