@@ -257,36 +257,24 @@ def test_an_unlabelled_fixed_image_is_segmented_by_the_bundle_chain(server, tmp_
     assert r.status_code == 400 and "moving_image" in r.text
 
 
-def test_requests_it_cannot_serve_get_a_400_with_the_fix(server):
-    url = server["url"]
+BAD_REQUESTS = [  # (model, image, params, words the answer must hold)
+    ("segreg_thorax", "ThoraxCBCT_0000_0002", {}, ("no label map", "fixed_label_tag")),
+    ("segreg_acdc", "ES:patient001", {"moving_image": "patient999_frame01"}, ("patient999_frame01",)),
+    ("segreg_thorax", "ThoraxCBCT_0000_0000", {}, ("planning CT",)),
+    ("segreg_thorax", "ThoraxCBCT_0099_0001", {}, ("not in the datastore",)),
+]
+
+
+@pytest.mark.parametrize("model, image, params, words", BAD_REQUESTS)
+def test_requests_it_cannot_serve_get_a_400_with_the_fix(server, model, image, params, words):
+    image = server["es"][image[3:]] if image.startswith("ES:") else image
     r = requests.post(
-        f"{url}/infer/segreg_thorax",
-        params={"image": "ThoraxCBCT_0000_0002", "output": "json"},
-        files={"params": (None, "{}")},
+        f"{server['url']}/infer/{model}",
+        params={"image": image, "output": "json"},
+        files={"params": (None, json.dumps(params))},
         timeout=60,
     )
-    assert r.status_code == 400 and "no label map" in r.text and "fixed_label_tag" in r.text
-    r = requests.post(
-        f"{url}/infer/segreg_acdc",
-        params={"image": server["es"]["patient001"], "output": "json"},
-        files={"params": (None, json.dumps({"moving_image": "patient999_frame01"}))},
-        timeout=60,
-    )
-    assert r.status_code == 400 and "patient999_frame01" in r.text
-    r = requests.post(
-        f"{url}/infer/segreg_thorax",
-        params={"image": "ThoraxCBCT_0000_0000", "output": "json"},
-        files={"params": (None, "{}")},
-        timeout=60,
-    )
-    assert r.status_code == 400 and "planning CT" in r.text
-    r = requests.post(
-        f"{url}/infer/segreg_thorax",
-        params={"image": "ThoraxCBCT_0099_0001", "output": "json"},
-        files={"params": (None, "{}")},
-        timeout=60,
-    )
-    assert r.status_code == 400 and "not in the datastore" in r.text
+    assert r.status_code == 400 and all(w in r.text for w in words), r.text
 
 
 def test_train_builds_pairs_by_subject_and_the_next_inference_uses_the_weights(server, tmp_path):
