@@ -45,30 +45,26 @@ class BadRequest(HTTPException):
         return str(self.detail)
 
 
-def bad_request(msg: str) -> BadRequest:
-    return BadRequest(msg)
-
-
 def bundle_labels(bundle_dir: Path) -> dict[str, int]:
     """MONAI Label label dict ``{name: id}`` (background left out) from the bundle's ``metadata.json`` ``labels``."""
     meta = json.loads((bundle_dir / "configs" / "metadata.json").read_text())
     return {name: int(i) for i, name in meta["labels"].items() if int(i) != 0}
 
 
-def config_value(bundle_dir: Path, key: str, config: str = "inference.json"):
-    """The parsed value of config id ``key`` of the bundle (``None`` where the config lacks it)."""
+def config_values(bundle_dir: Path, keys, config: str = "inference.json") -> dict:
+    """The parsed values of config ids ``keys`` of the bundle (``None`` where the config lacks one); one parse."""
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
     parser.read_config(str(bundle_dir / "configs" / config))
     parser["bundle_root"] = str(bundle_dir)
-    return parser.get_parsed_content(key) if key in parser else None
+    return {k: parser.get_parsed_content(k) if k in parser else None for k in keys}
 
 
-def image_id_of(datastore, path: str) -> str:
-    """Datastore id of the image file at ``path`` (the server hands the task a file path)."""
+def image_id_of(datastore, image_ids, path: str) -> str:
+    """Datastore id (among ``image_ids``) of the image file at ``path`` (the server hands the task a file path)."""
     target = os.path.realpath(path)
-    for image_id in datastore.list_images():
+    for image_id in image_ids:
         if os.path.realpath(datastore.get_image_uri(image_id)) == target:
             return image_id
     name = Path(path).name
@@ -91,10 +87,10 @@ class SegRegInferTask(BasicInferTask):
         self.bundle_dir = Path(bundle_dir)
         self.rule = rule
         self.datastore = datastore
-        self.ckpt_path = config_value(self.bundle_dir, "ckpt_path")  # None: a training-free bundle
+        cfg = config_values(self.bundle_dir, ("ckpt_path", "merge_map", "seg_bundle", "seg_label_map"))
+        self.ckpt_path = cfg["ckpt_path"]  # None: a training-free bundle
         self.training_free = self.ckpt_path is None
-        self.merge_map = config_value(self.bundle_dir, "merge_map")
-        self.seg_bundle = config_value(self.bundle_dir, "seg_bundle")
+        self.merge_map, self.seg_bundle, self.seg_label_map = cfg["merge_map"], cfg["seg_bundle"], cfg["seg_label_map"]
         super().__init__(
             path=self.ckpt_path,
             network=None,
@@ -115,29 +111,32 @@ class SegRegInferTask(BasicInferTask):
         return []
 
     def resolve_pair(self, data: dict[str, Any]) -> dict[str, Any]:
-        """Fill ``fixed_image``, ``moving_image``, ``moving_label`` and (where one exists) ``fixed_label`` paths."""
+        """Fill ``fixed_image``, ``moving_image``, ``moving_label`` and (where one exists) ``fixed_label`` paths.
+        ``data`` holds the request over the task's ``config`` defaults (``label_tag``, ``fixed_label_tag``, ...)."""
         ds = self.datastore()
+        image_ids = ds.list_images()
         fixed = str(data["image"])
         if not fixed:
-            raise bad_request("the requested image is not in the datastore: pass an image id that GET /datastore lists")
+            raise BadRequest("the requested image is not in the datastore: pass an image id that GET /datastore lists")
         if not os.path.isfile(fixed):
-            raise bad_request(f"image {fixed} is not a file; SegReg takes NIfTI volumes (not DICOM series)")
-        fixed_id = image_id_of(ds, fixed)
-        moving_id = data.get("moving_image") or ""
+            raise BadRequest(f"image {fixed} is not a file; SegReg takes NIfTI volumes (not DICOM series)")
+        fixed_id = image_id_of(ds, image_ids, fixed)
         try:
-            moving_id = moving_id or self.rule.default_moving(fixed_id, ds.list_images())
+            moving_id = data["moving_image"] or self.rule.default_moving(fixed_id, image_ids)
         except PairingError as e:
-            raise bad_request(str(e)) from None
-        if moving_id not in ds.list_images():
-            raise bad_request(f"moving image {moving_id!r} is not in the datastore (params.moving_image)")
-        moving_label = label_uri(ds, moving_id, data.get("label_tag", "final"))
+            raise BadRequest(str(e)) from None
+        if moving_id not in image_ids:
+            raise BadRequest(f"moving image {moving_id!r} is not in the datastore (params.moving_image)")
+        moving_label = label_uri(ds, moving_id, data["label_tag"])
         if moving_label is None:
-            raise bad_request(
-                f"moving image {moving_id} has no label map with tag {data.get('label_tag', 'final')!r}: save one "
+            raise BadRequest(
+                f"moving image {moving_id} has no label map with tag {data['label_tag']!r}: save one "
                 "(that is the label map to propagate) or pass params.label_tag"
             )
-        fixed_label = label_uri(ds, fixed_id, data.get("fixed_label_tag", "final"))
-        source = f"datastore ({data.get('fixed_label_tag', 'final')})" if fixed_label else None
+        if data["result"] not in ("label", "ddf"):
+            raise BadRequest(f"params.result must be 'label' or 'ddf', got {data['result']!r}")
+        fixed_label = label_uri(ds, fixed_id, data["fixed_label_tag"])
+        source = f"datastore ({data['fixed_label_tag']})" if fixed_label else None
         data.update(
             fixed_id=fixed_id,
             moving_id=moving_id,
@@ -151,7 +150,7 @@ class SegRegInferTask(BasicInferTask):
 
     def run_inferer(self, data: dict[str, Any], convert_to_batch=True, device="cuda") -> dict[str, Any]:
         if not self.is_valid():
-            raise bad_request(
+            raise BadRequest(
                 f"{self.bundle_dir.name} has no trained weights ({self.ckpt_path}); "
                 f"run POST /train/{self.bundle_dir.name} first"
             )
@@ -161,8 +160,8 @@ class SegRegInferTask(BasicInferTask):
                 data["fixed_label"] = self.segment(data["fixed_image"], work)
                 data["fixed_label_source"] = f"automatic segmentation ({self.seg_bundle})"
             if data["fixed_label"] is None:
-                raise bad_request(
-                    f"image {data['fixed_id']} has no label map with tag {data.get('fixed_label_tag', 'final')!r}: "
+                raise BadRequest(
+                    f"image {data['fixed_id']} has no label map with tag {data['fixed_label_tag']!r}: "
                     "SegReg composes its per-region fields with the fixed image's regions. Save a segmentation of "
                     "it (any tag, then params.fixed_label_tag), or set seg_bundle in the bundle's inference.json"
                 )
@@ -206,8 +205,7 @@ class SegRegInferTask(BasicInferTask):
     def segment(self, image: str, work: Path) -> str:
         from custom.segmentation import segment_images
 
-        label_map = config_value(self.bundle_dir, "seg_label_map")
-        return segment_images([image], self.seg_bundle, work / "seg", label_map)[image]
+        return segment_images([image], self.seg_bundle, work / "seg", self.seg_label_map)[image]
 
     def make_result(self, data: dict[str, Any], disp: Path, work: Path) -> str:
         """The requested result as a file outside ``work``: the warped label map in bundle ids, or the displacement."""
@@ -216,20 +214,16 @@ class SegRegInferTask(BasicInferTask):
 
         fd, out = tempfile.mkstemp(suffix=".nii.gz", prefix="segreg_result_")
         os.close(fd)
-        if data.get("result", "label") == "ddf":
+        if data["result"] == "ddf":
             shutil.copyfile(disp, out)
             return out
-        if data.get("result", "label") != "label":
-            raise bad_request(f"params.result must be 'label' or 'ddf', got {data.get('result')!r}")
-        warped = warp(data["moving_label"], str(disp), str(work / "warped_label.nii.gz"), kind="label")
-        label, affine = load_nifti(warped)
-        label = np.asarray(label).astype(np.int64)
+        warp(data["moving_label"], str(disp), out, kind="label")
         if self.merge_map:  # the bundle reads source ids (e.g. TotalSegmentator) and registers merged regions
             from custom.regions import load_merge_map, merge_labels
 
-            mapping = load_merge_map(self.merge_map)["map"]
-            label = merge_labels(label, mapping, unknown="ignore")
-        save_nifti(label.astype(np.int16), out, affine, dtype=np.int16)
+            label, affine = load_nifti(out)
+            label = merge_labels(np.asarray(label).astype(np.int64), load_merge_map(self.merge_map)["map"], "ignore")
+            save_nifti(label.astype(np.int16), out, affine, dtype=np.int16)
         return out
 
     def writer(self, data: dict[str, Any], extension=None, dtype=None) -> tuple[str, dict[str, Any]]:
@@ -238,6 +232,6 @@ class SegRegInferTask(BasicInferTask):
             "moving_image": data["moving_id"],
             "fixed_label_source": data.get("fixed_label_source") or "none",
             "bundle": self.bundle_dir.name,
-            "result": data.get("result", "label"),
+            "result": data["result"],
         }
         return data["pred"], result

@@ -16,9 +16,10 @@ import time
 from pathlib import Path
 
 import torch
-from lib.infer import BadRequest, config_value
+from lib.infer import BadRequest, config_values, label_uri
 from lib.pairing import PairingError, PairingRule, split_by_subject
 from monailabel.interfaces.tasks.train import TrainTask
+from monailabel.utils.others.generic import name_to_device
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +31,7 @@ def pair_records(datastore, pairs, tag: str) -> list[dict]:
         rec = {}
         for side, image_id in (("fixed", f), ("moving", m)):
             rec[f"{side}_image"] = datastore.get_image_uri(image_id)
-            rec[f"{side}_label"] = datastore.get_label_uri(datastore.get_label_by_image_id(image_id, tag), tag)
+            rec[f"{side}_label"] = label_uri(datastore, image_id, tag)
         records.append(rec)
     return records
 
@@ -67,12 +68,11 @@ class SegRegTrainTask(TrainTask):
         held_out = not set(train) & set(val)
         if not held_out:
             logger.warning("too few labelled subjects for a held-out validation: it reuses the training pairs")
-        device = str(request.get("device", "cuda"))
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            device = "cpu"
+        device = name_to_device(request.get("device", "cuda"))  # cuda -> cpu on a machine without one
         epochs = int(request.get("max_epochs", 20))
         # validate at least once: the bundle writes models/model.pt at its best validation score
-        val_interval = max(1, min(int(config_value(self.bundle_dir, "val_interval", "train.json") or 1), epochs))
+        val_interval = config_values(self.bundle_dir, ("val_interval",), "train.json")["val_interval"]
+        val_interval = max(1, min(int(val_interval or 1), epochs))
         run_dir = self.bundle_dir / "train_runs" / time.strftime("%Y%m%d_%H%M%S")
         logger.info(
             "%s: %d training and %d validation pairs -> %s", self.bundle_dir.name, len(train), len(val), run_dir
