@@ -144,6 +144,19 @@ def make_abdomen(
     return path
 
 
+def invert_at(field: np.ndarray, points: np.ndarray, iterations: int) -> np.ndarray:
+    """``z`` ``(3, N)`` with ``z + field(z) = points`` (linear interpolation of ``field`` ``(3, *S)``), by fixed-point
+    iteration: converges for the small, smooth fields of the generators."""
+
+    def u(q):
+        return np.stack([map_coordinates(field[c], q, order=1, mode="nearest") for c in range(3)])
+
+    z = points.copy()
+    for _ in range(int(iterations)):
+        z = points - u(z)
+    return z
+
+
 def pair_truth(
     fixed_to_template: np.ndarray,
     moving_to_template: np.ndarray,
@@ -151,14 +164,14 @@ def pair_truth(
     moving_label: np.ndarray | None = None,
     iterations: int = 30,
 ):
-    """Fixed -> moving displacement ``(3, *S)`` (voxels) of two synthetic subjects, exact up to interpolation.
+    """Fixed -> moving displacement ``(3, *S)`` (voxels) of two synthetic subjects from their composite fields (the
+    fallback for sets without a recipe; see ``exact_pair_truth``).
 
     Each subject is the template sampled at ``x + u_s(x)``, so fixed voxel x shows template point
-    ``y = x + u_F(x)``, and the moving voxel showing it solves ``z + u_M(z) = y``; ``z`` is found by fixed-point
-    iteration. ``u_M`` jumps where organs slide, so with the label maps given the iteration for a fixed voxel of
-    region i samples ``u_M`` of the moving subject's region i only (extended outside it by its nearest value): that is
-    the smooth field that region was moved with, and the iteration converges to the point of the same organ.
-    Returns ``(z - x, residual)`` with the residual ``|z + u_M(z) - y|`` in voxels (with labels: of the regional field).
+    ``y = x + u_F(x)``, and the moving voxel showing it solves ``z + u_M(z) = y``. ``u_M`` jumps where organs slide, so
+    with the label maps given the iteration for a fixed voxel of region i samples ``u_M`` of the moving subject's
+    region i only (extended outside it by its nearest value). Returns ``(z - x, residual)`` with the residual
+    ``|z + u_M(z) - y|`` in voxels (of the field the iteration used).
     """
     from scipy.ndimage import distance_transform_edt
 
@@ -166,30 +179,20 @@ def pair_truth(
     y = g + fixed_to_template
     z = y.copy()
     residual = np.zeros(y.shape[1:], np.float32)
-
-    def solve(field, sel):
-        points = y[:, sel]
-        zz = points.copy()
-
-        def u(q):
-            return np.stack([map_coordinates(field[c], q, order=1, mode="nearest") for c in range(3)])
-
-        for _ in range(int(iterations)):
-            zz = points - u(zz)
-        z[:, sel] = zz
-        residual[sel] = np.linalg.norm(zz + u(zz) - points, axis=0)
-
-    if fixed_label is None or moving_label is None:
-        solve(moving_to_template, np.ones(y.shape[1:], bool))
-        return (z - g).astype(np.float32), residual
-    for lab in np.unique(fixed_label):
-        sel = fixed_label == lab
-        inside = moving_label == lab
-        if not inside.any():  # the region vanished in the moving subject: use the composite field
-            solve(moving_to_template, sel)
-            continue
-        idx = distance_transform_edt(~inside, return_distances=False, return_indices=True)
-        solve(moving_to_template[:, idx[0], idx[1], idx[2]], sel)
+    parts = [(np.ones(y.shape[1:], bool), moving_to_template)]
+    if fixed_label is not None and moving_label is not None:
+        parts = []
+        for lab in np.unique(fixed_label):
+            inside = moving_label == lab
+            field = moving_to_template  # a region that vanished in the moving subject: the composite field
+            if inside.any():
+                idx = distance_transform_edt(~inside, return_distances=False, return_indices=True)
+                field = moving_to_template[:, idx[0], idx[1], idx[2]]
+            parts.append((fixed_label == lab, field))
+    for sel, field in parts:
+        z[:, sel] = invert_at(field, y[:, sel], iterations)
+        back = np.stack([map_coordinates(field[c], z[:, sel], order=1, mode="nearest") for c in range(3)])
+        residual[sel] = np.linalg.norm(z[:, sel] + back - y[:, sel], axis=0)
     return (z - g).astype(np.float32), residual
 
 
@@ -204,19 +207,15 @@ def exact_pair_truth(
 
     Fixed voxel x shows template point ``y = x + u_F(x)`` of organ ``i = fixed_label(x)``. That organ's material sits,
     in the moving subject, at the z with ``z + f_i(z) = y`` (``f_i`` the smooth field organ i was moved with;
-    the background field for label 0), found by fixed-point iteration. This holds across sliding borders and for thin
-    organs, where inverting the composite field (``pair_truth``) lands on a neighbouring organ.
+    the background field for label 0). This holds across sliding borders and for thin organs, where inverting the
+    composite field (``pair_truth``) lands on a neighbouring organ.
     """
     g = identity_grid(fixed_to_template.shape[1:])
     out = np.zeros_like(fixed_to_template, dtype=np.float32)
     for lab in np.unique(fixed_label):
         sel = fixed_label == lab
-        field = moving_fields.get(int(lab), moving_background)
         y = g[:, sel] + fixed_to_template[:, sel]
-        z = y.copy()
-        for _ in range(int(iterations)):
-            z = y - np.stack([map_coordinates(field[c], z, order=1, mode="nearest") for c in range(3)])
-        out[:, sel] = z - g[:, sel]
+        out[:, sel] = invert_at(moving_fields.get(int(lab), moving_background), y, iterations) - g[:, sel]
     return out
 
 
