@@ -41,10 +41,13 @@ class _PlanSampler(MapTransform):
     def pick(self, plan: RegionPlan) -> int:
         return 0
 
-    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]):
         kf, km, klf, klm = self.keys
         check_pair(data, self.keys)
-        plan = self.plan(data[klf][None], data[klm][None])
+        return self.samples(data, self.plan(data[klf][None], data[klm][None]))
+
+    def samples(self, data: Mapping, plan: RegionPlan):
+        """What one pair yields: the picked region's sample (a list of samples for multi-sample samplers)."""
         return self.region_sample(data, plan, self.pick(plan))
 
     def region_sample(self, data: Mapping, plan: RegionPlan, i: int) -> dict:
@@ -99,12 +102,9 @@ class RandRegionPaird(Randomizable, _PlanSampler):
             raise ValueError(f"num_samples must be a positive number of regions per pair, got {num_samples!r}")
         self.num_samples = int(num_samples)
 
-    def __call__(self, data: Mapping[Hashable, torch.Tensor]):
+    def samples(self, data: Mapping, plan: RegionPlan):
         if self.num_samples == 1:
-            return _PlanSampler.__call__(self, data)
-        kf, km, klf, klm = self.keys
-        check_pair(data, self.keys)
-        plan = self.plan(data[klf][None], data[klm][None])
+            return self.region_sample(data, plan, self.pick(plan))
         picks = self.R.permutation(len(plan))[: self.num_samples]
         return [self.region_sample(data, plan, int(i)) for i in sorted(picks)]
 
