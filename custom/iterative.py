@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from custom.composer import FieldComposer
 from custom.geometry import voxel_spacing
 from custom.losses import RegionDiffusionLoss, SegRegLoss
-from custom.mind import MINDSSCLoss
+from custom.mind import MINDSSCLoss, noise_variance
 from custom.networks import VelocityToDisplacement
 from custom.plan import RegionPlan
 from custom.region_batch import (
@@ -47,9 +47,10 @@ class RegionTask:
 
 
 def default_loss() -> SegRegLoss:
-    """MIND-SSC + Dice + L2 diffusion within regions, weights 1 : 1 : 1 (the iterative defaults)."""
+    """MIND-SSC (noise gate 2, see :class:`~custom.mind.MINDSSCLoss`) + Dice + L2 diffusion within regions, weights
+    1 : 1 : 1 (the iterative defaults)."""
     return SegRegLoss(
-        similarity=MINDSSCLoss(),
+        similarity=MINDSSCLoss(noise_gate=2.0),
         mask=DiceLoss(include_background=True),
         regulariser=RegionDiffusionLoss(),
         weights={"sim": 1.0, "mask": 1.0, "reg": 1.0},
@@ -85,7 +86,9 @@ class IterativeSegReg:
 
     Args:
         loss: the :class:`~custom.losses.SegRegLoss` (default :func:`default_loss`: MIND-SSC + Dice + L2 within
-            regions, 1 : 1 : 1). Configs build it with ``_target_``, as training does.
+            regions, 1 : 1 : 1). Configs build it with ``_target_``, as training does. A ``MINDSSCLoss`` with a
+            ``noise_gate`` weights each region's similarity by the structure of its masked fixed image (noise level
+            estimated once from the whole fixed image), so the field does not drift in noise.
         levels: downsampling factors, coarse to fine, e.g. ``(4, 2, 1)``. Ignored when ``level_spacing_mm`` is set.
         level_spacing_mm: the levels as voxel sizes in mm, coarse to fine, e.g. ``(16, 8, 4)``: each axis is resampled
             to about that spacing (never finer than the data), so one setting suits 1 mm CT and 4 mm test volumes.
@@ -171,6 +174,9 @@ class IterativeSegReg:
         self.iterations = its
         self.loss = loss if loss is not None else default_loss()
         self.features = feature_extractor(self.loss.sim)
+        # per-voxel similarity weights from the fixed image (MINDSSCLoss with a noise gate), features only
+        weight = getattr(self.loss.sim, "weight", None)
+        self.sim_weight = weight if self.features is not None and getattr(self.loss.sim, "noise_gate", None) else None
         self.grid_spacing = max(1, int(grid_spacing))
         self.min_size = max(2, int(min_size))
         self.min_region_voxels = int(min_region_voxels)
@@ -264,15 +270,21 @@ class IterativeSegReg:
         return [max(2, min(n, int(math.ceil((n - 1) * sp / self.grid_spacing_mm)) + 1)) for n, sp in zip(size, spacing)]
 
     # ----------------------------------------------------------------------------------------------------------
-    def region_level(self, plan: RegionPlan, task: RegionTask, fixed, moving, size, spacing) -> RegionLevel:
-        """Region ``task.index`` of ``plan`` at a level of ``size`` voxels (``spacing`` mm): masks, EDT maps and the
-        features of the masked images, computed once."""
+    def region_level(
+        self, plan: RegionPlan, task: RegionTask, fixed, moving, size, spacing, noise_var=None
+    ) -> RegionLevel:
+        """Region ``task.index`` of ``plan`` at a level of ``size`` voxels (``spacing`` mm): masks, EDT maps, the
+        features of the masked images and the similarity weights (from ``noise_var``, the fixed image's), computed
+        once."""
         i = task.index
         fm, mm = resize(plan.mask("fixed", i), size), resize(plan.mask("moving", i), size)
+        weight = None
         if task.use_similarity:
             fi = resize(plan.masked_image("fixed", fixed, i), size)
             mi = resize(plan.masked_image("moving", moving, i), size)
             with torch.no_grad():
+                if self.sim_weight is not None:
+                    weight = self.sim_weight(fi, noise_var)
                 if self.features is not None:
                     fi, mi = self.features(fi), self.features(mi)
         else:  # no image term (outside the field of view): only the masks are warped
@@ -285,7 +297,8 @@ class IterativeSegReg:
         if task.region:
             rm = self.reg_mask(fm)
             rm = None if rm is None else (rm > 0.5).float()
-        return RegionLevel(i, fi, torch.cat(moving_stack, 1), fm, fe, rm, list(spacing), task.use_similarity)
+        moving_stack = torch.cat(moving_stack, 1)
+        return RegionLevel(i, fi, moving_stack, fm, fe, rm, list(spacing), task.use_similarity, weight)
 
     def _batched_terms(self):
         """Per-region (``reduction="none"``) copies of the mask loss and regulariser when they can score a padded batch
@@ -309,6 +322,8 @@ class IterativeSegReg:
         sims = u.new_zeros(len(batch))
         if self.features is not None and n_img:
             sq = (warped[:, :n_img] - batch.fixed) ** 2 * batch.valid
+            if batch.sim_weight is not None:
+                sq = sq * batch.sim_weight
             sims = sq.flatten(1).sum(1) / (batch.valid.flatten(1).sum(1) * n_img)
         if self.batched_terms is not None and (n_img == 0 or self.features is not None):
             dice, diffusion = self.batched_terms
@@ -366,6 +381,9 @@ class IterativeSegReg:
     # ----------------------------------------------------------------------------------------------------------
     def solve(self, plan: RegionPlan, tasks: Sequence[RegionTask], fixed, moving, spacing, bar=None) -> list:
         """Field (velocity or displacement, level voxels) of every task on its crop at the finest level."""
+        noise_var = None
+        if self.sim_weight is not None:  # the whole fixed image's noise, at full resolution
+            noise_var = noise_variance(fixed)
         boxes = [plan.box_shape(t.index) for t in tasks]
         counts = [float(plan.mask("fixed", t.index).sum()) if t.region else math.inf for t in tasks]
         fields: list[torch.Tensor | None] = [None] * len(tasks)
@@ -394,7 +412,7 @@ class IterativeSegReg:
                         if bar is not None:
                             bar.update(n_it)
                         continue
-                todo.append((k, self.region_level(plan, task, fixed, moving, sizes[k], spacings[k])))
+                todo.append((k, self.region_level(plan, task, fixed, moving, sizes[k], spacings[k], noise_var)))
             for use_similarity in (True, False):  # one channel layout per batch: features + masks, or masks only
                 same = [t for t in todo if t[1].use_similarity == use_similarity]
                 for group in group_by_shape([r.shape for _, r in same], self.max_padding):

@@ -92,7 +92,8 @@ class RegionLevel:
     ``fixed`` holds the fixed features (or the masked fixed image when the similarity needs the warped image);
     ``moving`` stacks what is warped: moving features (or image), then the masks and EDT maps the mask loss needs.
     ``fixed_masks`` / ``fixed_edt`` are the mask-loss targets, ``reg_mask`` the regulariser's domain (``None`` = the
-    whole crop), ``spacing`` the level's voxel size (mm).
+    whole crop), ``spacing`` the level's voxel size (mm), ``sim_weight`` ``(1, 1, *s)`` the per-voxel weight of the
+    similarity (``None`` = 1; see :meth:`custom.mind.MINDSSCLoss.weight`).
     """
 
     index: int
@@ -103,6 +104,7 @@ class RegionLevel:
     reg_mask: torch.Tensor | None
     spacing: list[float]
     use_similarity: bool = True
+    sim_weight: torch.Tensor | None = None
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -113,8 +115,8 @@ class RegionLevel:
 class RegionBatch:
     """Regions of one level padded to one shape and stacked: ``fixed`` ``(G, F, *S)``, ``moving`` ``(G, M, *S)``,
     ``fixed_masks`` ``(G, C, *S)``, ``fixed_edt`` or ``None``, ``valid`` ``(G, 1, *S)`` (1 inside each region's real
-    crop), ``reg_domain`` ``(G, 1, *S)`` (each regulariser domain: its ``reg_mask``, or its whole crop), ``regions``
-    the list of :class:`RegionLevel` in batch order."""
+    crop), ``reg_domain`` ``(G, 1, *S)`` (each regulariser domain: its ``reg_mask``, or its whole crop), ``sim_weight``
+    ``(G, 1, *S)`` or ``None`` (the similarity weights), ``regions`` the list of :class:`RegionLevel` in batch order."""
 
     regions: list[RegionLevel]
     fixed: torch.Tensor
@@ -123,6 +125,7 @@ class RegionBatch:
     fixed_edt: torch.Tensor | None
     valid: torch.Tensor
     reg_domain: torch.Tensor
+    sim_weight: torch.Tensor | None = None
 
     @classmethod
     def stack(cls, regions: Sequence[RegionLevel]) -> RegionBatch:
@@ -135,7 +138,12 @@ class RegionBatch:
         valid = torch.cat([pad_to(torch.ones_like(r.fixed_masks[:, :1]), size) for r in regions])
         domain = [torch.ones_like(r.fixed_masks[:, :1]) if r.reg_mask is None else r.reg_mask for r in regions]
         domain = torch.cat([pad_to(d, size) for d in domain])
-        return cls(list(regions), cat("fixed"), cat("moving"), cat("fixed_masks"), cat("fixed_edt"), valid, domain)
+        weight = None
+        if any(r.sim_weight is not None for r in regions):
+            ones = [torch.ones_like(r.fixed_masks[:, :1]) if r.sim_weight is None else r.sim_weight for r in regions]
+            weight = torch.cat([pad_to(w, size) for w in ones])
+        fields = (cat("fixed"), cat("moving"), cat("fixed_masks"), cat("fixed_edt"), valid, domain, weight)
+        return cls(list(regions), *fields)
 
     def __len__(self) -> int:
         return len(self.regions)

@@ -52,6 +52,7 @@ def iterative_registration(
     intensity_range=None,
     fov_value: float | None = None,
     sigma: float | None = None,
+    noise_gate: float | None = 2.0,
 ) -> dict:
     """Training-free SegReg of one pair (MIND-SSC + Dice + L2 within regions) in the fixed image's physical space.
 
@@ -59,7 +60,8 @@ def iterative_registration(
     "moving_affine"}``. Without label maps the whole image is one region (plain iterative registration).
     Intensities are scaled to 0..1 between the 0.5 and 99.5 percentiles of each image, or within ``intensity_range``
     (e.g. ``(-1000, 1000)`` HU for CT/CBCT); ``fov_value`` (on that 0..1 scale) marks the fixed image's padding outside
-    the scanner's field of view (see ``IterativeSegReg``).
+    the scanner's field of view (see ``IterativeSegReg``); ``noise_gate`` leaves out of the similarity the voxels where
+    the fixed image is flat up to its noise (see ``MINDSSCLoss``; ``None``: plain MIND-SSC).
     """
     from monai.losses import DiceLoss
     from monai.transforms import Compose, LoadImaged, ScaleIntensityRanged, ScaleIntensityRangePercentilesd
@@ -96,7 +98,7 @@ def iterative_registration(
         fl, ml = (data[k][None].to(dev) for k in ("fixed_label", "moving_label"))
     w = {"sim": 10.0, "mask": 1.0, "reg": 5.0}
     w.update(weights or {})
-    loss = SegRegLoss(MINDSSCLoss(), DiceLoss(include_background=True), RegionDiffusionLoss(), w)
+    loss = SegRegLoss(MINDSSCLoss(noise_gate=noise_gate), DiceLoss(include_background=True), RegionDiffusionLoss(), w)
     reg = IterativeSegReg(
         loss=loss,
         levels=tuple(levels),
@@ -135,6 +137,7 @@ def register(
     in_plane: bool = False,
     reg_domain: str | int = "box",
     sigma: float | None = None,
+    noise_gate: float | None = 2.0,
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict:
@@ -155,6 +158,8 @@ def register(
         reg_domain: where each region's field is regularised: "box" (its crop; default), "region" (inside its fixed
             mask only, as the paper) or a dilation in voxels (see ``custom.iterative.IterativeSegReg``).
         sigma: Gaussian smoothing (voxels) of the composition weights, e.g. 2: fewer folds at region borders.
+        noise_gate: the similarity ignores voxels where the fixed image is flat up to this multiple of its noise (air
+            around an MR body: without it the field there drifts by about a voxel); ``None`` for plain MIND-SSC.
         overwrite: replace existing outputs (otherwise an existing displacement file stops the run).
     """
     from custom.validation import check_output_dir
@@ -191,6 +196,7 @@ def register(
         progress=progress,
         reg_domain=reg_domain,
         sigma=sigma,
+        noise_gate=noise_gate,
     )
     save_displacement(res["disp"].numpy(), names["disp"], res["fixed_affine"])
     written = {"displacement": str(names["disp"])}

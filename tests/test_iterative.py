@@ -168,3 +168,26 @@ def test_a_small_region_that_moved_further_than_its_size_starts_from_its_centroi
         assert ddf[0, 1:][:, inside].abs().max() < 0.5
     else:  # without it the cube stays where it was: the case the initialisation exists for
         assert shift < 3.0 and landed < 0.5, (shift, landed)
+
+
+@pytest.mark.parametrize("gate", [None, 2.0])
+def test_the_noise_gate_stops_the_field_drifting_in_pure_noise(gate):
+    """Two independent white-noise images have no motion to find. Plain MIND-SSC normalises the noise to full
+    contrast and interpolating its warped descriptors lowers their variance most at half-voxel shifts, so the field
+    drifts by about a voxel; with the noise gate the similarity ignores the noise and the field stays at 0."""
+    torch.manual_seed(0)
+    shape = (1, 1, 40, 40, 12)
+    fixed, moving = torch.randn(shape) * 0.05, torch.randn(shape) * 0.05
+    one = torch.ones(shape)
+    loss = SegRegLoss(
+        MINDSSCLoss(noise_gate=gate),
+        DiceLoss(include_background=True),
+        RegionDiffusionLoss(),
+        {"sim": 10, "mask": 1, "reg": 5},
+    )
+    ddf = IterativeSegReg(loss=loss, levels=(2, 1), iterations=(50, 30), progress=False)(fixed, moving, one, one)["ddf"]
+    drift = ddf.abs().mean().item()
+    if gate is None:
+        assert drift > 0.3, drift  # the failure the gate removes (voxels)
+    else:
+        assert drift < 0.02, drift

@@ -1,10 +1,11 @@
 import itertools
 
 import numpy as np
+import pytest
 import torch
 from conftest import requires_cuda
 
-from custom.mind import MINDSSCLoss, mind_ssc, ssc_offset_pairs
+from custom.mind import MINDSSCLoss, mind_ssc, noise_variance, ssc_offset_pairs, structure_weight
 
 
 def shifted(img, offset):
@@ -81,3 +82,56 @@ def test_mind_loss_reduction():
     torch.testing.assert_close(MINDSSCLoss(reduction="none")(a, b), sq)
     torch.testing.assert_close(MINDSSCLoss(reduction="sum")(a, b), sq.sum())
     torch.testing.assert_close(MINDSSCLoss()(a, b), sq.mean())
+
+
+def blocks_with_noise(sigma, shape=(40, 36, 12), seed=0):
+    """Piecewise-constant blocks (steps of 1) plus white noise of std ``sigma``, ``(1, 1, *shape)``."""
+    rng = np.random.default_rng(seed)
+    img = np.zeros(shape)
+    img[8:20, 6:30, 2:10] = 1.0
+    img[24:34, 10:20, :] = 2.0
+    img += np.linspace(0, 0.5, shape[0])[:, None, None]  # smooth shading: no noise
+    return torch.as_tensor(img + rng.normal(0, sigma, shape), dtype=torch.float32)[None, None]
+
+
+@pytest.mark.parametrize("sigma", [0.02, 0.1])
+def test_noise_variance_recovers_the_noise_of_a_structured_image(sigma):
+    est = noise_variance(blocks_with_noise(sigma)).sqrt().item()
+    assert abs(est - sigma) < 0.1 * sigma, (est, sigma)
+    assert noise_variance(blocks_with_noise(0.0)).item() < 1e-8  # edges and shading alone are not noise
+    # voxels clipped to the lowest value (CT air, padding, the outside of a mask) are ignored: same estimate
+    clipped = blocks_with_noise(sigma).clamp_min(0.6)
+    assert (clipped == 0.6).float().mean() > 0.5
+    assert abs(noise_variance(clipped).sqrt().item() - sigma) < 0.1 * sigma
+
+
+def test_structure_weight_is_zero_in_noise_and_one_at_edges():
+    img = blocks_with_noise(0.05)
+    w = structure_weight(img, noise_variance(img), gate=2.0)[0, 0]
+    assert w.shape == img.shape[2:] and 0 <= w.min() and w.max() <= 1
+    assert w[36:, 26:, 4:8].max() == 0  # far from any edge: noise only
+    assert w[20, 12:28, 4:8].min() == 1  # on the x edge of the first block
+    masked = img * (img > 0.8)  # outside a mask the image is exactly 0: no noise there, so it keeps weight 1
+    wm = structure_weight(masked, noise_variance(img), gate=2.0)[0, 0]
+    assert wm[36:, 26:, 4:8].min() == 1
+
+
+def test_noise_gate_ignores_noise_in_flat_areas_but_keeps_structure():
+    a, b = blocks_with_noise(0.05, seed=1), blocks_with_noise(0.05, seed=2)  # same structure, independent noise
+    plain, gated = MINDSSCLoss(), MINDSSCLoss(noise_gate=2.0)
+    flat = (slice(None), slice(None), slice(36, None), slice(26, None), slice(4, 8))
+    assert plain(b, a) > 0 and (MINDSSCLoss(reduction="none")(b, a)[flat].mean() > 0.01)
+    assert MINDSSCLoss(reduction="none", noise_gate=2.0)(b, a)[flat].max() == 0
+    shifted_b = torch.roll(b, 2, 2)  # a real misalignment still costs
+    assert gated(shifted_b, a) > 3 * gated(b, a)
+    with pytest.raises(ValueError, match="noise_gate"):
+        MINDSSCLoss(noise_gate=0)
+
+
+@requires_cuda
+def test_noise_variance_and_gate_cuda_match_cpu():
+    img = blocks_with_noise(0.05)
+    torch.testing.assert_close(noise_variance(img.cuda()).cpu(), noise_variance(img), rtol=1e-4, atol=1e-8)
+    a, b = blocks_with_noise(0.05, seed=1), blocks_with_noise(0.05, seed=2)
+    gated = MINDSSCLoss(noise_gate=2.0)
+    torch.testing.assert_close(gated(b.cuda(), a.cuda()).cpu(), gated(b, a), rtol=1e-4, atol=1e-7)
