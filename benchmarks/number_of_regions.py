@@ -20,31 +20,18 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import torch
+from synthetic_sets import REPO, ground_truth_labels, register_with_labels, synthetic_set
 
-from custom.datasets.acdc import acdc_split
-from custom.datasets.learn2reg import learn2reg_pairs
 from custom.degrade import mean_dice
 from custom.evaluation import epe_metrics
 from custom.geometry import warp_volume
 from custom.metrics import jacobian_stats
-from custom.regions import load_merge_map, merge_labels
-from custom.register import iterative_registration
 
-REPO = Path(__file__).resolve().parent.parent
-THORAX_SETTINGS = {
-    "level_spacing_mm": (16.0, 8.0, 4.0),
-    "iterations": (50, 20, 10),
-    "intensity_range": (-1000.0, 1000.0),
-    "fov_value": 0.0,
-    "reg_domain": "region",
-    "sigma": 2.0,
-}
 # region groupings: {name: {label id: region id}} (ids not listed keep their own region)
 GROUPINGS = {
     "acdc": {
@@ -64,45 +51,14 @@ GROUPINGS = {
 COLS = ["Dice %", "EPE mm", "EPE labelled mm", "EPE border mm", "SDlogJ", "% det J <= 0", "CPU s"]
 
 
-def records(name: str, data: Path):
-    """(records, label ids, registration settings, TotalSegmentator merge map or None) of one synthetic set."""
-    if name == "acdc":
-        recs = [
-            r
-            for part in ("train", "val", "test")
-            for r in acdc_split(data / "acdc", part, directions=("ES_ED",))
-            if "true_displacement" in r
-        ]
-        return recs, [1, 2, 3], {"frozen_components": (2,)}, None
-    if name == "thorax":
-        recs = learn2reg_pairs(data / "thorax" / "ThoraxCBCT_dataset.json", "registration_val", "segmentationsTr")
-        merge = load_merge_map(REPO / "bundles" / "segreg_thorax" / "configs" / "totalsegmentator_to_segreg13.json")
-        return recs, list(range(1, 13)), THORAX_SETTINGS, merge["map"]
-    raise ValueError(f"unknown set {name!r}: acdc or thorax")
-
-
 def score(rec, ids, settings, merge, grouping, global_region: bool, tmp: Path) -> dict:
-    gt, paths = {}, {}
-    for k, key in enumerate(("fixed_label", "moving_label")):
-        img = nib.load(rec[key])
-        arr = np.rint(img.get_fdata()).astype(np.int16)
-        gt[key] = merge_labels(arr, merge, "ignore").astype(np.int16) if merge else arr
-        grouped = gt[key].copy()
+    gt = ground_truth_labels(rec, merge)
+    grouped = {}
+    for key, arr in gt.items():
+        grouped[key] = arr.copy()
         for src, dst in grouping.items():
-            grouped[gt[key] == src] = dst
-        paths[key] = tmp / f"{k}_{Path(rec[key]).name}"
-        nib.save(nib.Nifti1Image(grouped, img.affine), paths[key])
-    t0 = time.process_time()
-    disp = iterative_registration(
-        rec["fixed_image"],
-        rec["moving_image"],
-        str(paths["fixed_label"]),
-        str(paths["moving_label"]),
-        progress=False,
-        global_region=global_region,
-        **settings,
-    )["disp"]
-    cpu = time.process_time() - t0
+            grouped[key][arr == src] = dst
+    disp, cpu = register_with_labels(rec, grouped, {**settings, "global_region": global_region}, tmp)
     present = [i for i in ids if (gt["fixed_label"] == i).any() and (gt["moving_label"] == i).any()]
     warped = warp_volume(torch.as_tensor(gt["moving_label"], dtype=torch.float32), disp, "nearest").numpy()
     truth = np.moveaxis(nib.load(rec["true_displacement"]).get_fdata().astype(np.float32), -1, 0)
@@ -126,8 +82,6 @@ def main() -> None:
     ap.add_argument("--sets", default="acdc,thorax", help="comma-separated: acdc, thorax")
     args = ap.parse_args()
     data, out = Path(args.data), Path(args.out)
-    from custom.__main__ import make_data
-
     parts = [
         "# Registration accuracy against the number of regions\n\n"
         "Regenerate: `python benchmarks/number_of_regions.py`. Training-free per-region SegReg (the settings of "
@@ -136,9 +90,7 @@ def main() -> None:
         "2-voxel band around all label borders). Means over the pairs.\n"
     ]
     for name in args.sets.split(","):
-        if not (data / name).exists():
-            make_data(name, str(data))
-        recs, ids, settings, merge = records(name, data)
+        recs, ids, settings, merge = synthetic_set(name, data)
         rows = list(GROUPINGS[name].items()) + [("1 region (global field)", None)]
         lines = [f"### {name} ({len(recs)} pairs)\n", "| regions | " + " | ".join(COLS) + " |", "|---" * 8 + "|"]
         with tempfile.TemporaryDirectory() as tmp:

@@ -18,22 +18,17 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-import time
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import torch
+from synthetic_sets import REPO, ground_truth_labels, register_with_labels, synthetic_set
 
-from custom.datasets.acdc import acdc_split
-from custom.datasets.learn2reg import learn2reg_pairs
 from custom.degrade import degrade_labels, mean_dice
 from custom.evaluation import epe_metrics
 from custom.geometry import voxel_spacing, warp_volume
-from custom.regions import load_merge_map, merge_labels
-from custom.register import iterative_registration
 
-REPO = Path(__file__).resolve().parent.parent
 # (kind, mm): ground truth, then two levels of each way automatic segmentations fail
 SETTINGS = [
     ("ground truth", 0.0),
@@ -48,54 +43,16 @@ SETTINGS = [
 ]
 
 
-def load_set(name: str, data: Path, n_pairs: int):
-    """(records, label ids, registration settings, merge map) of one synthetic set."""
-    if name == "acdc":
-        recs = [
-            r
-            for part in ("train", "val", "test")
-            for r in acdc_split(data / "acdc", part, directions=("ES_ED",))
-            if "true_displacement" in r
-        ]
-        return recs[:n_pairs], [1, 2, 3], {"frozen_components": (2,)}, None
-    if name == "thorax":
-        recs = learn2reg_pairs(data / "thorax" / "ThoraxCBCT_dataset.json", "registration_val", "segmentationsTr")
-        merge = load_merge_map(REPO / "bundles" / "segreg_thorax" / "configs" / "totalsegmentator_to_segreg13.json")
-        settings = {
-            "level_spacing_mm": (16.0, 8.0, 4.0),
-            "iterations": (50, 20, 10),
-            "intensity_range": (-1000.0, 1000.0),
-            "fov_value": 0.0,
-            "reg_domain": "region",
-            "sigma": 2.0,
-        }
-        return recs[:n_pairs], list(range(1, 13)), settings, merge["map"]
-    raise ValueError(f"unknown set {name!r}: acdc or thorax")
-
-
 def run_pair(rec, ids, settings, merge, kind, amount, seed, tmp: Path) -> dict:
-    gt = {}
-    for key in ("fixed_label", "moving_label"):
-        arr = np.rint(nib.load(rec[key]).get_fdata()).astype(np.int16)
-        gt[key] = merge_labels(arr, merge, "ignore").astype(np.int16) if merge else arr
-    paths, seg_dice = {}, []
+    gt = ground_truth_labels(rec, merge)
+    degraded, seg_dice = {}, []
     for k, key in enumerate(("fixed_label", "moving_label")):
-        affine = nib.load(rec[key]).affine
-        spacing = voxel_spacing(affine).tolist()
-        degraded = gt[key] if kind == "ground truth" else degrade_labels(gt[key], kind, amount, spacing, 2 * seed + k)
-        seg_dice.append(mean_dice(degraded, gt[key], ids))
-        paths[key] = tmp / f"{k}_{Path(rec[key]).name}"
-        nib.save(nib.Nifti1Image(degraded.astype(np.int16), affine), paths[key])
-    t0 = time.process_time()
-    disp = iterative_registration(
-        rec["fixed_image"],
-        rec["moving_image"],
-        str(paths["fixed_label"]),
-        str(paths["moving_label"]),
-        progress=False,
-        **settings,
-    )["disp"]
-    cpu = time.process_time() - t0
+        spacing = voxel_spacing(nib.load(rec[key]).affine).tolist()
+        degraded[key] = (
+            gt[key] if kind == "ground truth" else degrade_labels(gt[key], kind, amount, spacing, 2 * seed + k)
+        )
+        seg_dice.append(mean_dice(degraded[key], gt[key], ids))
+    disp, cpu = register_with_labels(rec, degraded, settings, tmp)
     warped = warp_volume(torch.as_tensor(gt["moving_label"], dtype=torch.float32), disp, "nearest").numpy()
     truth = np.moveaxis(nib.load(rec["true_displacement"]).get_fdata().astype(np.float32), -1, 0)
     e = epe_metrics(disp.numpy(), truth, nib.load(rec["moving_image"]).affine, gt["fixed_label"])
@@ -150,8 +107,6 @@ def main() -> None:
     args = ap.parse_args()
     data, out = Path(args.data), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    from custom.__main__ import make_data
-
     parts = [
         "# Registration accuracy against segmentation quality\n\n"
         "Regenerate: `python benchmarks/segmentation_quality.py`. "
@@ -161,9 +116,7 @@ def main() -> None:
         "motion. Means over the pairs; the fit (least squares, Pearson r) runs over every pair and setting.\n"
     ]
     for name in args.sets.split(","):
-        if not (data / name).exists():
-            make_data(name, str(data))
-        recs, ids, settings, merge = load_set(name, data, args.pairs)
+        recs, ids, settings, merge = synthetic_set(name, data, args.pairs)
         points = []
         with tempfile.TemporaryDirectory() as tmp:
             for kind, amount in SETTINGS:
