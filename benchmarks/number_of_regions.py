@@ -27,10 +27,9 @@ import numpy as np
 import torch
 from synthetic_sets import REPO, ground_truth_labels, register_with_labels, synthetic_set
 
-from custom.degrade import mean_dice
 from custom.evaluation import epe_metrics
 from custom.geometry import warp_volume
-from custom.metrics import jacobian_stats
+from custom.metrics import jacobian_stats, mean_dice
 
 # region groupings: {name: {label id: region id}} (ids not listed keep their own region)
 GROUPINGS = {

@@ -31,7 +31,7 @@ from custom.datasets.acdc import acdc_split
 from custom.datasets.learn2reg import learn2reg_pairs, learn2reg_split
 from custom.evaluation import epe_metrics
 from custom.geometry import warp_volume
-from custom.metrics import jacobian_stats
+from custom.metrics import jacobian_stats, mean_dice
 from custom.regions import load_merge_map, merge_labels
 from custom.register import iterative_registration
 from custom.synthetic.abdomen import write_pair_truths
@@ -45,11 +45,6 @@ MODES = {
     "SegReg per region (region, sigma 2)": {"reg_domain": "region", "sigma": 2.0},
     "global (one region)": {"global_region": True},
 }
-
-
-def dice(warped, fixed, ids) -> float:
-    vals = [200 * ((warped == i) & (fixed == i)).sum() / ((warped == i).sum() + (fixed == i).sum()) for i in ids]
-    return float(np.mean(vals))
 
 
 def score(rec, labels, settings, merge=None) -> dict:
@@ -83,7 +78,7 @@ def score(rec, labels, settings, merge=None) -> dict:
         disp = res["disp"]
     cpu = time.process_time() - t0
     warped = warp_volume(torch.as_tensor(ml, dtype=torch.float32), disp, "nearest").numpy()
-    row = {"Dice %": dice(warped, fl, ids)}
+    row = {"Dice %": mean_dice(warped, fl, ids)}
     if "true_displacement" in rec:
         truth = np.moveaxis(nib.load(rec["true_displacement"]).get_fdata().astype(np.float32), -1, 0)
         e = epe_metrics(disp.numpy(), truth, nib.load(rec["moving_image"]).affine, fl, {i: str(i) for i in ids})

@@ -25,9 +25,10 @@ import numpy as np
 import torch
 from synthetic_sets import REPO, ground_truth_labels, register_with_labels, synthetic_set
 
-from custom.degrade import degrade_labels, mean_dice
+from custom.degrade import degrade_labels
 from custom.evaluation import epe_metrics
 from custom.geometry import voxel_spacing, warp_volume
+from custom.metrics import mean_dice
 
 # (kind, mm): ground truth, then two levels of each way automatic segmentations fail
 SETTINGS = [
@@ -147,8 +148,7 @@ def main() -> None:
                 lines.append(f"- {kind}: slope {a:.3f} mm per Dice point, r = {r:.2f} ({len(sel)} points)")
             else:
                 lines.append(f"- {kind}: the amounts are below this set's voxel size; the labels did not change")
-        keep = [{k: v for k, v in q.items()} for q in points]
-        (out / f"segmentation_quality_{name}.json").write_text(json.dumps(keep, indent=4))
+        (out / f"segmentation_quality_{name}.json").write_text(json.dumps(points, indent=4))
         png = out / f"segmentation_quality_{name}.png"
         figure(name, points, png)
         lines.append(f"\n![{name}]({png.name})\n")

@@ -98,13 +98,3 @@ def degrade_labels(
     if kind == "noise":
         return boundary_noise(label, amount_mm, spacing, seed)
     return shift(label, amount_mm, spacing, seed)
-
-
-def mean_dice(a: np.ndarray, b: np.ndarray, ids: Sequence[int]) -> float:
-    """Mean Dice (%) of ``ids`` between two label maps; an id empty in both counts as 100."""
-    values = []
-    for i in ids:
-        x, y = a == i, b == i
-        total = x.sum() + y.sum()
-        values.append(100.0 if total == 0 else 200.0 * (x & y).sum() / total)
-    return float(np.mean(values))

@@ -175,8 +175,7 @@ class IterativeSegReg:
         self.loss = loss if loss is not None else default_loss()
         self.features = feature_extractor(self.loss.sim)
         # per-voxel similarity weights from the fixed image (MINDSSCLoss with a noise gate), features only
-        weight = getattr(self.loss.sim, "weight", None)
-        self.sim_weight = weight if self.features is not None and getattr(self.loss.sim, "noise_gate", None) else None
+        self.gated = self.features is not None and getattr(self.loss.sim, "noise_gate", None) is not None
         self.grid_spacing = max(1, int(grid_spacing))
         self.min_size = max(2, int(min_size))
         self.min_region_voxels = int(min_region_voxels)
@@ -283,8 +282,8 @@ class IterativeSegReg:
             fi = resize(plan.masked_image("fixed", fixed, i), size)
             mi = resize(plan.masked_image("moving", moving, i), size)
             with torch.no_grad():
-                if self.sim_weight is not None:
-                    weight = self.sim_weight(fi, noise_var)
+                if self.gated:
+                    weight = self.loss.sim.weight(fi, noise_var)
                 if self.features is not None:
                     fi, mi = self.features(fi), self.features(mi)
         else:  # no image term (outside the field of view): only the masks are warped
@@ -321,9 +320,7 @@ class IterativeSegReg:
         w = self.loss.weights
         sims = u.new_zeros(len(batch))
         if self.features is not None and n_img:
-            sq = (warped[:, :n_img] - batch.fixed) ** 2 * batch.valid
-            if batch.sim_weight is not None:
-                sq = sq * batch.sim_weight
+            sq = (warped[:, :n_img] - batch.fixed) ** 2 * batch.sim_weight
             sims = sq.flatten(1).sum(1) / (batch.valid.flatten(1).sum(1) * n_img)
         if self.batched_terms is not None and (n_img == 0 or self.features is not None):
             dice, diffusion = self.batched_terms
@@ -381,9 +378,7 @@ class IterativeSegReg:
     # ----------------------------------------------------------------------------------------------------------
     def solve(self, plan: RegionPlan, tasks: Sequence[RegionTask], fixed, moving, spacing, bar=None) -> list:
         """Field (velocity or displacement, level voxels) of every task on its crop at the finest level."""
-        noise_var = None
-        if self.sim_weight is not None:  # the whole fixed image's noise, at full resolution
-            noise_var = noise_variance(fixed)
+        noise_var = noise_variance(fixed) if self.gated else None  # the whole fixed image's, at full resolution
         boxes = [plan.box_shape(t.index) for t in tasks]
         counts = [float(plan.mask("fixed", t.index).sum()) if t.region else math.inf for t in tasks]
         fields: list[torch.Tensor | None] = [None] * len(tasks)

@@ -46,6 +46,13 @@ def dice_per_label(warped_label, fixed_label, label_ids: Sequence[int], moving_l
     return dice
 
 
+def mean_dice(warped_label, fixed_label, label_ids: Sequence[int]) -> float:
+    """Mean Dice in % of :func:`dice_per_label` over the ids present in ``fixed_label``; label maps as there, torch
+    or numpy."""
+    dice = dice_per_label(torch.as_tensor(warped_label), torch.as_tensor(fixed_label), label_ids)
+    return float(torch.nanmean(dice))
+
+
 def hd95_per_label(warped_label, fixed_label, label_ids: Sequence[int], spacing=None, moving_label=None):
     """95th percentile Hausdorff distance in mm per label id, ``(L,)`` (MONAI, spacing-aware); NaN if absent."""
     pred, gt = _one_hot(warped_label, label_ids), _one_hot(fixed_label, label_ids)

@@ -116,7 +116,8 @@ class RegionBatch:
     """Regions of one level padded to one shape and stacked: ``fixed`` ``(G, F, *S)``, ``moving`` ``(G, M, *S)``,
     ``fixed_masks`` ``(G, C, *S)``, ``fixed_edt`` or ``None``, ``valid`` ``(G, 1, *S)`` (1 inside each region's real
     crop), ``reg_domain`` ``(G, 1, *S)`` (each regulariser domain: its ``reg_mask``, or its whole crop), ``sim_weight``
-    ``(G, 1, *S)`` or ``None`` (the similarity weights), ``regions`` the list of :class:`RegionLevel` in batch order."""
+    ``(G, 1, *S)`` (each voxel's similarity weight, 0 in the padding: ``valid`` where no region is weighted),
+    ``regions`` the list of :class:`RegionLevel` in batch order."""
 
     regions: list[RegionLevel]
     fixed: torch.Tensor
@@ -125,7 +126,7 @@ class RegionBatch:
     fixed_edt: torch.Tensor | None
     valid: torch.Tensor
     reg_domain: torch.Tensor
-    sim_weight: torch.Tensor | None = None
+    sim_weight: torch.Tensor
 
     @classmethod
     def stack(cls, regions: Sequence[RegionLevel]) -> RegionBatch:
@@ -138,10 +139,10 @@ class RegionBatch:
         valid = torch.cat([pad_to(torch.ones_like(r.fixed_masks[:, :1]), size) for r in regions])
         domain = [torch.ones_like(r.fixed_masks[:, :1]) if r.reg_mask is None else r.reg_mask for r in regions]
         domain = torch.cat([pad_to(d, size) for d in domain])
-        weight = None
+        weight = valid
         if any(r.sim_weight is not None for r in regions):
-            ones = [torch.ones_like(r.fixed_masks[:, :1]) if r.sim_weight is None else r.sim_weight for r in regions]
-            weight = torch.cat([pad_to(w, size) for w in ones])
+            parts = [torch.ones_like(r.fixed_masks[:, :1]) if r.sim_weight is None else r.sim_weight for r in regions]
+            weight = torch.cat([pad_to(w, size) for w in parts])  # zero padding: 0 outside each real crop, as valid
         fields = (cat("fixed"), cat("moving"), cat("fixed_masks"), cat("fixed_edt"), valid, domain, weight)
         return cls(list(regions), *fields)
 

@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 from scipy.ndimage import binary_dilation, binary_erosion, generate_binary_structure
 
-from custom.degrade import degrade_labels, mean_dice
+from custom.degrade import degrade_labels
+from custom.metrics import mean_dice
 
 
 def two_boxes(shape=(24, 22, 12)):
