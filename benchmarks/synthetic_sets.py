@@ -1,4 +1,5 @@
-"""The synthetic sets as the benchmark commands read them (``segmentation_quality.py``, ``number_of_regions.py``).
+"""The synthetic sets as the benchmark commands read them (``segmentation_quality.py``, ``number_of_regions.py``,
+``peer_accuracy.py``).
 
 :func:`synthetic_set` generates a set with the ``make-data`` defaults when it is absent and returns its pairs that
 store the exact motion, the label ids to score, the training-free settings of its bundle and, for the thorax, the
@@ -35,7 +36,8 @@ def synthetic_set(name: str, data: Path, n_pairs: int | None = None):
     """``(records, label ids, registration settings, merge map or None)`` of the synthetic ``name`` under ``data``.
 
     ACDC: every patient's ES -> ED pair (the training-free mode learns from none), in-plane field. Thorax: the
-    Learn2Reg validation pairs with the bundle's settings. ``n_pairs`` keeps the first pairs only.
+    Learn2Reg validation pairs with the bundle's settings. Abdomen: the inter-subject test pairs with their exact
+    pairwise truth, default settings. ``n_pairs`` keeps the first pairs only.
     """
     from custom.__main__ import make_data
 
@@ -53,7 +55,15 @@ def synthetic_set(name: str, data: Path, n_pairs: int | None = None):
         recs = learn2reg_pairs(data / "thorax" / "ThoraxCBCT_dataset.json", "registration_val", "segmentationsTr")
         merge = load_merge_map(REPO / "bundles" / "segreg_thorax" / "configs" / "totalsegmentator_to_segreg13.json")
         return recs[:n_pairs], list(range(1, 13)), dict(THORAX_SETTINGS), merge["map"]
-    raise ValueError(f"unknown set {name!r}: acdc or thorax")
+    if name == "abdomen":
+        from custom.datasets.learn2reg import learn2reg_split
+        from custom.synthetic.abdomen import write_pair_truths
+
+        js = data / "abdomen" / "AbdomenCTCT_dataset.json"
+        recs = learn2reg_split(js, "test", 4, 2)
+        write_pair_truths(js, recs, overwrite=True)  # fixed -> moving truth per pair (cheap)
+        return recs[:n_pairs], list(range(1, 14)), {}, None
+    raise ValueError(f"unknown set {name!r}: acdc, thorax or abdomen")
 
 
 def ground_truth_labels(rec: dict, merge=None) -> dict:
