@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # One command for a GPU machine: the CUDA tests, the iterative-speed benchmark on CUDA (SegReg vs ConvexAdam,
-# benchmarks/iterative_speed.py), then CPU vs CUDA timings side by side (benchmarks/gpu_timings.py).
+# benchmarks/iterative_speed.py), CPU vs CUDA timings side by side (benchmarks/gpu_timings.py), then the learned
+# inference settings on CUDA (benchmarks/inference_cost.py: does batching regions pay on a GPU?).
 # Needs torch with CUDA plus the project's pure-Python dependencies; wheels carried in .whl/ are installed first
 # (python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl monai==1.6.1 nibabel==5.4.2
 #  pytorch-ignite==0.5.5 convexadam==0.2.0 simpleitk==2.5.7).
-# Usage: bash benchmarks/gpu_check.sh [OUT_DIR]   (about 7 minutes on one H100)
+# Usage: bash benchmarks/gpu_check.sh [OUT_DIR]   (about 8 minutes on one H100)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${1:-${OUT:-outputs/gpu_check}}"
@@ -27,5 +28,8 @@ speed_rc=${PIPESTATUS[0]}
 echo "== timings =="
 "$PY" benchmarks/gpu_timings.py --out /tmp/segreg_bench ${GPU_TIMINGS_ARGS:---skip_cpu_inferer} 2>&1 | tee "$OUT/gpu_timings.log"
 timing_rc=${PIPESTATUS[0]}
-echo "tests exit $tests_rc, iterative speed exit $speed_rc, timings exit $timing_rc"
-exit $(( tests_rc || speed_rc || timing_rc ))
+echo "== learned inference cost on CUDA (region passes vs one whole-image pass) =="
+"$PY" benchmarks/inference_cost.py --device cuda --work /tmp/segreg_inference 2>&1 | tee "$OUT/inference_cost.log"
+inference_rc=${PIPESTATUS[0]}
+echo "tests exit $tests_rc, iterative speed exit $speed_rc, timings exit $timing_rc, inference cost exit $inference_rc"
+exit $(( tests_rc || speed_rc || timing_rc || inference_rc ))
