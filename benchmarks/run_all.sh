@@ -2,11 +2,11 @@
 # Regenerates every benchmark table and figure under docs/benchmarks/ on this machine (CPU only; about 1.5 hours on 2
 # cores, the learned trainings and the 390x280x300 thorax pair the longest parts). Needs the peers:
 # pip install -e ".[bench]".
-# Usage: bash benchmarks/run_all.sh [--quick]   (--quick skips the 390x280x300 thorax pair)
+# Usage: [OUT=DIR] bash benchmarks/run_all.sh [--quick]   (--quick skips the 390x280x300 thorax pair)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python}"
-OUT=docs/benchmarks
+OUT="${OUT:-docs/benchmarks}"  # OUT=DIR writes the pages elsewhere (e.g. to compare with the committed ones)
 LARGE=""
 if [ "${1:-}" = "--quick" ]; then LARGE="--skip_large"; fi
 "$PY" benchmarks/physical_accuracy.py --out "$OUT"
