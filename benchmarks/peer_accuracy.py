@@ -240,11 +240,11 @@ Regenerate: `pip install -e ".[bench]" && python benchmarks/peer_accuracy.py` (p
 {env}. Means over the pairs; every method in a fresh process per set with the same threads (elastix: one thread, its
 build segfaults with two); CPU s = all threads together; peak GiB = the process's resident memory (interpreter and
 libraries included). One scorer for every method (`score` in the script): EPE against the exact motion over all
-voxels, per region (the mean of the per-region means: every region weighs the same) and in the 2-voxel band around
-region borders; TRE over the lung keypoints (thorax only); Dice and HD95 of the ground-truth labels warped by the
-displacement; SDlogJ and % det J <= 0 of the displacement. The first row scores the stored true motion itself: the
-synthetic truths slide at organ borders (folds) and, on the abdomen, organs differ in shape between subjects (Dice
-68 %).
+voxels, per labelled region (the mean of the regions' means: every region weighs the same, the background is left
+out) and in the 2-voxel band around region borders; TRE over the lung keypoints (thorax only); Dice and HD95 of the
+ground-truth labels warped by the displacement; SDlogJ and % det J <= 0 of the displacement. The first row scores the
+stored true motion itself: the synthetic truths slide at organ borders (folds) and, on the abdomen, organs differ in
+shape between subjects (Dice 68 %).
 
 All methods are training-free (the learned comparison is `learned_accuracy.md`). Dice and HD95 are circular for
 SegReg, which registers with the very labels they score; EPE and TRE are the fair measures. 'noisy labels' gives
