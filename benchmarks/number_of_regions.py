@@ -22,14 +22,8 @@ import argparse
 import tempfile
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
-import torch
-from synthetic_sets import REPO, ground_truth_labels, register_with_labels, synthetic_set
-
-from custom.evaluation import epe_metrics
-from custom.geometry import warp_volume
-from custom.metrics import jacobian_stats, mean_dice
+from synthetic_sets import REPO, ground_truth_labels, register_with_labels, score_displacement, synthetic_set
 
 # region groupings: {name: {label id: region id}} (ids not listed keep their own region)
 GROUPINGS = {
@@ -58,18 +52,14 @@ def score(rec, ids, settings, merge, grouping, global_region: bool, tmp: Path) -
         for src, dst in grouping.items():
             grouped[key][arr == src] = dst
     disp, cpu = register_with_labels(rec, grouped, {**settings, "global_region": global_region}, tmp)
-    present = [i for i in ids if (gt["fixed_label"] == i).any() and (gt["moving_label"] == i).any()]
-    warped = warp_volume(torch.as_tensor(gt["moving_label"], dtype=torch.float32), disp, "nearest").numpy()
-    truth = np.moveaxis(nib.load(rec["true_displacement"]).get_fdata().astype(np.float32), -1, 0)
-    e = epe_metrics(disp.numpy(), truth, nib.load(rec["moving_image"]).affine, gt["fixed_label"])
-    j = jacobian_stats(disp[None].float())
+    r = score_displacement(rec, disp, ids, merge)
     return {
-        "Dice %": mean_dice(warped, gt["fixed_label"], present),
-        "EPE mm": e["epe_mm"],
-        "EPE labelled mm": e["epe_labelled_mm"],
-        "EPE border mm": e["epe_border_mm"],
-        "SDlogJ": j["sdlogj"],
-        "% det J <= 0": j["neg_jac_percent"],
+        "Dice %": r["dice"],
+        "EPE mm": r["epe_mm"],
+        "EPE labelled mm": r["epe_labelled_mm"],
+        "EPE border mm": r["epe_border_mm"],
+        "SDlogJ": r["sdlogj"],
+        "% det J <= 0": r["folds_percent"],
         "CPU s": cpu,
     }
 

@@ -22,9 +22,10 @@ Methods (:data:`METHODS`), all training-free, each set's own settings for SegReg
   abdomen: the Learn2Reg ``masksTr``); ACDC has none. The ``*_nomask`` rows run the same peers without masks.
 
 Every method runs in a fresh process per set (its peak resident memory is its own) with the same torch threads.
-Scores (``score``): end-point error (mm) against the exact motion over all voxels, averaged per region (every region
-weighs the same) and in the 2-voxel band around region borders; TRE over the lung keypoints (thorax); Dice and HD95
-of the ground-truth labels warped by the displacement (circular for SegReg, which registers with them); SDlogJ; %
+Scores (``synthetic_sets.score_displacement``): end-point error (mm) against the exact motion over all voxels,
+averaged per region (every region weighs the same) and in the 2-voxel band around region borders; TRE over the lung
+keypoints (thorax); Dice and HD95 of the ground-truth labels warped by the displacement (circular for SegReg, which
+registers with them); SDlogJ; %
 det J <= 0; CPU and wall seconds per pair; peak resident memory (GiB, the process: interpreter and libraries
 included). Writes ``<out>/peer_accuracy.md`` and one boxplot PNG per set (EPE per region and pair, per method).
 Per-set results are cached as JSON under ``--cache``; ``--fresh`` reruns them.
@@ -139,45 +140,10 @@ def displacement(method: str, name: str, rec: dict, ids, settings, merge, tmp: P
     return run_peer(peer, fixed, moving, spacing, *fov, **kwargs)
 
 
-def score(name: str, rec: dict, disp: np.ndarray, ids, merge) -> dict:
-    """The one scorer: EPE (all / per region / border), TRE, Dice, HD95, SDlogJ, folds of ``disp`` on ``rec``."""
-    import torch
-    from synthetic_sets import ground_truth_labels
-
-    from custom.datasets.learn2reg import read_keypoints
-    from custom.evaluation import epe_metrics
-    from custom.metrics import dice_per_label, hd95_per_label, jacobian_stats, tre_mm, warp_labels
-
-    labels = ground_truth_labels(rec, merge)
-    fl, ml = (torch.as_tensor(labels[k].astype(np.float32))[None, None] for k in ("fixed_label", "moving_label"))
-    affine = nib.load(rec["moving_image"]).affine
-    spacing = np.linalg.norm(affine[:3, :3], axis=0)
-    ddf = torch.as_tensor(disp, dtype=torch.float32)[None]
-    warped = warp_labels(ml, ddf)
-    truth = np.moveaxis(nib.load(rec["true_displacement"]).get_fdata().astype(np.float32), -1, 0)
-    present = [i for i in ids if (labels["fixed_label"] == i).any()]
-    e = epe_metrics(disp, truth, affine, labels["fixed_label"], {i: str(i) for i in present})
-    regions = {i: e[f"epe_{i}_mm"] for i in present if f"epe_{i}_mm" in e}
-    row = {
-        "epe_mm": e["epe_mm"],
-        "epe_region_mm": float(np.mean(list(regions.values()))),
-        "epe_border_mm": e["epe_border_mm"],
-        "epe_regions": regions,
-        "dice": float(np.nanmean(dice_per_label(warped, fl, ids, ml).numpy())),
-        "hd95_mm": float(np.nanmean(hd95_per_label(warped, fl, ids, spacing, ml).numpy())),
-    }
-    if rec.get("fixed_keypoints"):
-        kps = [read_keypoints(rec[k]) for k in ("fixed_keypoints", "moving_keypoints")]
-        row["tre_mm"] = float(tre_mm(ddf, *kps, spacing).mean())
-    j = jacobian_stats(ddf)
-    row.update({"sdlogj": j["sdlogj"], "folds_percent": j["neg_jac_percent"]})
-    return row
-
-
 def worker(name: str, method: str, data: Path, threads: int) -> dict:
     """Every pair of set ``name`` registered by ``method`` in this process: per-pair rows and the peak memory."""
     import torch
-    from synthetic_sets import synthetic_set
+    from synthetic_sets import score_displacement, synthetic_set
 
     torch.set_num_threads(threads)
     recs, ids, settings, merge = synthetic_set(name, data)
@@ -187,7 +153,7 @@ def worker(name: str, method: str, data: Path, threads: int) -> dict:
             w0, c0 = time.perf_counter(), time.process_time()
             disp = displacement(method, name, rec, ids, settings, merge, Path(tmp))
             cost = {"wall_s": time.perf_counter() - w0, "cpu_s": time.process_time() - c0}
-            rows.append({**score(name, rec, disp, ids, merge), **cost})
+            rows.append({**score_displacement(rec, disp, ids, merge), **cost})
     return {"rows": rows, "peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
@@ -239,8 +205,9 @@ HEADER = """# SegReg against its peers on the synthetic sets
 Regenerate: `pip install -e ".[bench]" && python benchmarks/peer_accuracy.py` (part of `bash benchmarks/run_all.sh`).
 {env}. Means over the pairs; every method in a fresh process per set with the same threads (elastix: one thread, its
 build segfaults with two); CPU s = all threads together; peak GiB = the process's resident memory (interpreter and
-libraries included). One scorer for every method (`score` in the script): EPE against the exact motion over all
-voxels, per labelled region (the mean of the regions' means: every region weighs the same, the background is left
+libraries included). One scorer for every method (`score_displacement` in `benchmarks/synthetic_sets.py`): EPE
+against the exact motion over all voxels, per labelled region (the mean of the regions' means: every region weighs
+the same, the background is left
 out) and in the 2-voxel band around region borders; TRE over the lung keypoints (thorax only); Dice and HD95 of the
 ground-truth labels warped by the displacement; SDlogJ and % det J <= 0 of the displacement. The first row scores the
 stored true motion itself: the synthetic truths slide at organ borders (folds) and, on the abdomen, organs differ in

@@ -20,20 +20,17 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-import torch
+from synthetic_sets import ground_truth_labels, register_with_labels, score_displacement
 
 from custom.datasets.acdc import acdc_split
 from custom.datasets.learn2reg import learn2reg_pairs, learn2reg_split
-from custom.evaluation import epe_metrics
-from custom.geometry import warp_volume
-from custom.metrics import jacobian_stats, mean_dice
-from custom.regions import load_merge_map, merge_labels
-from custom.register import iterative_registration
+from custom.regions import load_merge_map
 from custom.synthetic.abdomen import write_pair_truths
 
 REPO = Path(__file__).resolve().parent.parent
@@ -48,46 +45,24 @@ MODES = {
 
 
 def score(rec, labels, settings, merge=None) -> dict:
-    fl_img = nib.load(rec["fixed_label"])
-    fl, ml = fl_img.get_fdata(), nib.load(rec["moving_label"]).get_fdata()
-    if merge:
-        fl, ml = merge_labels(fl, merge, "ignore"), merge_labels(ml, merge, "ignore")
-    ids = [i for i in labels if i != 0 and (fl == i).any() and (ml == i).any()]
+    """One pair registered with ``settings`` (``None``: no registration; ``"truth"``: the stored exact motion, the
+    ceiling of every column) and scored by ``synthetic_sets.score_displacement``."""
+    ids = [i for i in labels if i != 0]
     t0 = time.process_time()
     if settings is None:
-        disp = torch.zeros((3,) + fl.shape)
-    elif settings == "truth":  # the stored exact motion scored like a method: the ceiling of every column
-        disp = torch.as_tensor(np.moveaxis(nib.load(rec["true_displacement"]).get_fdata().astype(np.float32), -1, 0))
-    else:
-        labels_for_reg = {}
-        if merge:  # the registration sees the merged regions, as the bundle does
-            tmp = Path(rec["fixed_label"]).parent.parent / "merged"
-            tmp.mkdir(exist_ok=True)
-            for k, arr in (("fixed_label", fl), ("moving_label", ml)):
-                path = tmp / Path(rec[k]).name
-                nib.save(nib.Nifti1Image(arr.astype(np.int16), nib.load(rec[k]).affine), path)
-                labels_for_reg[k] = str(path)
-        res = iterative_registration(
-            rec["fixed_image"],
-            rec["moving_image"],
-            labels_for_reg.get("fixed_label", rec["fixed_label"]),
-            labels_for_reg.get("moving_label", rec["moving_label"]),
-            progress=False,
-            **settings,
-        )
-        disp = res["disp"]
+        disp = np.zeros((3,) + nib.load(rec["fixed_label"]).shape, np.float32)
+    elif settings == "truth":
+        disp = np.moveaxis(nib.load(rec["true_displacement"]).get_fdata().astype(np.float32), -1, 0)
+    else:  # the registration sees the merged regions, as the bundle does
+        with tempfile.TemporaryDirectory() as tmp:
+            disp = register_with_labels(rec, ground_truth_labels(rec, merge), settings, Path(tmp))[0].numpy()
     cpu = time.process_time() - t0
-    warped = warp_volume(torch.as_tensor(ml, dtype=torch.float32), disp, "nearest").numpy()
-    row = {"Dice %": mean_dice(warped, fl, ids)}
-    if "true_displacement" in rec:
-        truth = np.moveaxis(nib.load(rec["true_displacement"]).get_fdata().astype(np.float32), -1, 0)
-        e = epe_metrics(disp.numpy(), truth, nib.load(rec["moving_image"]).affine, fl, {i: str(i) for i in ids})
-        row["EPE mm"], row["EPE labelled mm"] = e["epe_mm"], e["epe_labelled_mm"]
-        row["EPE border mm"] = e["epe_border_mm"]
-        if "through_plane_mm" in e:
-            row["through-plane mm"] = e["through_plane_mm"]
-    j = jacobian_stats(disp[None].float())
-    row.update({"SDlogJ": j["sdlogj"], "% det J <= 0": j["neg_jac_percent"], "CPU s": cpu})
+    r = score_displacement(rec, disp, ids, merge)
+    row = {"Dice %": r["dice"], "EPE mm": r["epe_mm"], "EPE labelled mm": r["epe_labelled_mm"]}
+    row["EPE border mm"] = r["epe_border_mm"]
+    if "through_plane_mm" in r:
+        row["through-plane mm"] = r["through_plane_mm"]
+    row.update({"SDlogJ": r["sdlogj"], "% det J <= 0": r["folds_percent"], "CPU s": cpu})
     return row
 
 

@@ -22,12 +22,10 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-import torch
-from synthetic_sets import REPO, ground_truth_labels, register_with_labels, synthetic_set
+from synthetic_sets import REPO, ground_truth_labels, register_with_labels, score_displacement, synthetic_set
 
 from custom.degrade import degrade_labels
-from custom.evaluation import epe_metrics
-from custom.geometry import voxel_spacing, warp_volume
+from custom.geometry import voxel_spacing
 from custom.metrics import mean_dice
 
 # (kind, mm): ground truth, then two levels of each way automatic segmentations fail
@@ -54,14 +52,12 @@ def run_pair(rec, ids, settings, merge, kind, amount, seed, tmp: Path) -> dict:
         )
         seg_dice.append(mean_dice(degraded[key], gt[key], ids))
     disp, cpu = register_with_labels(rec, degraded, settings, tmp)
-    warped = warp_volume(torch.as_tensor(gt["moving_label"], dtype=torch.float32), disp, "nearest").numpy()
-    truth = np.moveaxis(nib.load(rec["true_displacement"]).get_fdata().astype(np.float32), -1, 0)
-    e = epe_metrics(disp.numpy(), truth, nib.load(rec["moving_image"]).affine, gt["fixed_label"])
+    r = score_displacement(rec, disp, ids, merge)
     return {
         "segmentation Dice %": float(np.mean(seg_dice)),
-        "registration Dice %": mean_dice(warped, gt["fixed_label"], ids),
-        "EPE mm": e["epe_mm"],
-        "EPE labelled mm": e["epe_labelled_mm"],
+        "registration Dice %": r["dice"],
+        "EPE mm": r["epe_mm"],
+        "EPE labelled mm": r["epe_labelled_mm"],
         "CPU s": cpu,
     }
 

@@ -92,3 +92,47 @@ def register_with_labels(rec: dict, labels: dict, settings: dict, tmp: Path) -> 
         **settings,
     )["disp"]
     return disp, time.process_time() - t0
+
+
+def score_displacement(rec: dict, disp, ids, merge=None) -> dict:
+    """The one scorer of the benchmark commands: ``disp`` ``(3, *S)`` (voxels of the fixed grid, Learn2Reg sense) on
+    the pair ``rec`` against its ground truth.
+
+    End-point error (mm) against the stored exact motion over all voxels (``epe_mm``), the labelled voxels
+    (``epe_labelled_mm``), per labelled region (``epe_regions``, and their mean ``epe_region_mm``: every region weighs
+    the same) and in the 2-voxel band around label borders (``epe_border_mm``), plus ``through_plane_mm`` on
+    thick-slice data; TRE over the pair's keypoints where it has them (``tre_mm``); Dice and HD95 of the ground-truth
+    labels warped by ``disp`` (``dice``, ``hd95_mm``; ids present in both maps); ``sdlogj`` and ``folds_percent``.
+    """
+    from custom.datasets.learn2reg import read_keypoints
+    from custom.evaluation import epe_metrics
+    from custom.metrics import dice_per_label, hd95_per_label, jacobian_stats, tre_mm, warp_labels
+
+    disp = np.asarray(disp, dtype=np.float32)
+    labels = ground_truth_labels(rec, merge)
+    fl, ml = (torch.as_tensor(labels[k].astype(np.float32))[None, None] for k in ("fixed_label", "moving_label"))
+    affine = nib.load(rec["moving_image"]).affine
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    ddf = torch.as_tensor(disp)[None]
+    warped = warp_labels(ml, ddf)
+    truth = np.moveaxis(nib.load(rec["true_displacement"]).get_fdata().astype(np.float32), -1, 0)
+    present = [i for i in ids if (labels["fixed_label"] == i).any()]
+    e = epe_metrics(disp, truth, affine, labels["fixed_label"], {i: str(i) for i in present})
+    regions = {i: e[f"epe_{i}_mm"] for i in present if f"epe_{i}_mm" in e}
+    row = {
+        "epe_mm": e["epe_mm"],
+        "epe_labelled_mm": e["epe_labelled_mm"],
+        "epe_region_mm": float(np.mean(list(regions.values()))),
+        "epe_border_mm": e["epe_border_mm"],
+        "epe_regions": regions,
+        "dice": float(np.nanmean(dice_per_label(warped, fl, ids, ml).numpy())),
+        "hd95_mm": float(np.nanmean(hd95_per_label(warped, fl, ids, spacing, ml).numpy())),
+    }
+    if "through_plane_mm" in e:
+        row["through_plane_mm"] = e["through_plane_mm"]
+    if rec.get("fixed_keypoints"):
+        kps = [read_keypoints(rec[k]) for k in ("fixed_keypoints", "moving_keypoints")]
+        row["tre_mm"] = float(tre_mm(ddf, *kps, spacing).mean())
+    j = jacobian_stats(ddf)
+    row.update({"sdlogj": j["sdlogj"], "folds_percent": j["neg_jac_percent"]})
+    return row

@@ -296,8 +296,7 @@ class IterativeSegReg:
         if task.region:
             rm = self.reg_mask(fm)
             rm = None if rm is None else (rm > 0.5).float()
-        moving_stack = torch.cat(moving_stack, 1)
-        return RegionLevel(i, fi, moving_stack, fm, fe, rm, list(spacing), task.use_similarity, weight)
+        return RegionLevel(i, fi, torch.cat(moving_stack, 1), fm, fe, rm, list(spacing), task.use_similarity, weight)
 
     def _batched_terms(self):
         """Per-region (``reduction="none"``) copies of the mask loss and regulariser when they can score a padded batch
