@@ -1,7 +1,7 @@
 """Learned inference cost: SegReg's region passes against one whole-image pass of the same backbone.
 
 Usage: ``python benchmarks/inference_cost.py [--device cpu|cuda] [--cases acdc,abdomen]
-[--abdomen_shape 96 80 128] [--max_batch 4] [--md docs/benchmarks/inference_cost.md]``.
+[--abdomen_shape 96 80 128] [--max_batch 4] [--settings 'NAME' ...] [--md docs/benchmarks/inference_cost.md]``.
 
 One pair per case, generated once under ``--work``: a synthetic ACDC pair (128 x 128 x 16, 4 regions with the
 background) and a synthetic AbdomenCTCT pair of ``--abdomen_shape`` (14 regions; 192 160 256 is the full Learn2Reg
@@ -11,8 +11,12 @@ subprocess with the same torch threads:
 - ``whole image, one pass``: the pair as one region (the one-region baseline's cost: the reference);
 - ``whole grid, sequential`` / ``whole grid, batched``: every region masked on the whole grid, one or ``max_batch``
   regions per forward pass;
-- ``cropped, sequential`` / ``cropped + batched``: every region cropped to its box + 8 voxels (the bundles'
-  ``SegRegInferer``), one or ``max_batch`` regions per pass.
+- ``cropped, sequential``: every region cropped to its box + 8 voxels (the bundles' ``SegRegInferer``), one region
+  per pass;
+- ``cropped + batched, padded to the largest``: up to ``max_batch`` crops per pass, each batch padded to its largest
+  box (the inferer before ``pad_limit``);
+- ``cropped + batched by size``: the inferer's default, ``max_batch`` crops per pass but no pass padded past
+  ``pad_limit`` (1.5) times the voxels its crops need alone.
 
 Columns: wall and CPU seconds of the inferer call (backbone, integration, composition, warping), peak resident memory
 of the process and the part added by the call (GiB; CUDA: peak allocated), and the ratios of CPU seconds (CUDA: wall)
@@ -36,7 +40,8 @@ SETTINGS = {
     "whole grid, sequential": {"crop": False, "max_batch": 1},
     "whole grid, batched": {"crop": False},
     "cropped, sequential": {"crop": True, "max_batch": 1},
-    "cropped + batched": {"crop": True},
+    "cropped + batched, padded to the largest": {"crop": True, "pad_limit": float("inf")},
+    "cropped + batched by size": {"crop": True},
 }
 
 
@@ -130,6 +135,7 @@ def main() -> None:
     ap.add_argument("--cases", default="acdc,abdomen")
     ap.add_argument("--abdomen_shape", type=int, nargs=3, default=(96, 80, 128))
     ap.add_argument("--max_batch", type=int, default=4, help="regions per pass of the batched settings")
+    ap.add_argument("--settings", nargs="+", help="a subset of the settings, each quoted (the reference always runs)")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--work", default="outputs/bench_inference")
     ap.add_argument("--md", help="also write the table as a markdown page")
@@ -145,11 +151,16 @@ def main() -> None:
     import torch
 
     work = Path(args.work)
+    names = args.settings or list(SETTINGS)
+    unknown = sorted(set(names) - set(SETTINGS))
+    if unknown:
+        ap.error(f"unknown settings {unknown}; choose from {list(SETTINGS)}")
+    names = [n for n in SETTINGS if n in names or n == "whole image, one pass"]
     results = {}
     for case in args.cases.split(","):
         rec = case_pair(case, work, args.abdomen_shape)
         results[case] = {}
-        for name in SETTINGS:
+        for name in names:
             cmd = [sys.executable, __file__, "--device", args.device, "--threads", str(args.threads)]
             cmd += ["--max_batch", str(args.max_batch), "--child", json.dumps([case, name, rec])]
             proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})

@@ -67,14 +67,17 @@ def ants_syn(fixed, moving, spacing, fixed_mask=None, moving_mask=None, threads:
         kwargs["mask"] = image(fixed_mask)
     if moving_mask is not None:
         kwargs["moving_mask"] = image(moving_mask)
-    reg = ants.registration(image(fixed), image(moving), type_of_transform="SyNOnly", **kwargs)
-    warps = [t for t in reg["fwdtransforms"] if t.endswith((".nii", ".nii.gz"))]
-    for path in reg["fwdtransforms"]:  # SyNOnly also writes its (identity) initial affine: make sure it is one
-        if path not in warps and not np.allclose(ants.read_transform(path).parameters, np.eye(3, 4).T.ravel()):
-            raise RuntimeError(f"ANTs SyNOnly returned a non-identity affine {path}")
-    if len(warps) != 1:
-        raise RuntimeError(f"expected one SyN warp field, ANTs returned {reg['fwdtransforms']}")
-    field = ants.image_read(warps[0]).numpy()  # (X, Y, Z, 3), mm along the array axes (identity direction)
+    with tempfile.TemporaryDirectory(prefix="segreg_ants_") as tmp:  # ANTs writes its transforms to files
+        reg = ants.registration(
+            image(fixed), image(moving), type_of_transform="SyNOnly", outprefix=str(Path(tmp) / "syn_"), **kwargs
+        )
+        warps = [t for t in reg["fwdtransforms"] if t.endswith((".nii", ".nii.gz"))]
+        for path in reg["fwdtransforms"]:  # SyNOnly also writes its (identity) initial affine: make sure it is one
+            if path not in warps and not np.allclose(ants.read_transform(path).parameters, np.eye(3, 4).T.ravel()):
+                raise RuntimeError(f"ANTs SyNOnly returned a non-identity affine {path}")
+        if len(warps) != 1:
+            raise RuntimeError(f"expected one SyN warp field, ANTs returned {reg['fwdtransforms']}")
+        field = ants.image_read(warps[0]).numpy()  # (X, Y, Z, 3), mm along the array axes (identity direction)
     disp = np.moveaxis(field, -1, 0) / np.asarray(spacing, np.float32).reshape(3, 1, 1, 1)
     return np.ascontiguousarray(disp, np.float32)
 

@@ -9,6 +9,8 @@ from monai.bundle import ConfigParser, ConfigWorkflow
 
 REPO = Path(__file__).resolve().parent.parent
 SCHEMA = REPO / "tests" / "data" / "meta_schema_20240725.json"  # local copy of the Model Zoo schema (offline)
+# one folder for every workflow's default output_dir, removed when the test process exits
+OUTPUT_ROOT = tempfile.TemporaryDirectory(prefix="segreg_test_out_")
 
 # a 4-level UNet with 4 channels per level keeps a training iteration on a 32x32x16 pair well under a second
 TINY_NET = {
@@ -25,7 +27,7 @@ def configs(bundle: str) -> Path:
 def workflow(files, workflow_type: str, **override) -> ConfigWorkflow:
     """A ConfigWorkflow; logs and outputs go to a temporary folder unless ``output_dir`` is given (nothing is written
     into the source tree)."""
-    override.setdefault("output_dir", tempfile.mkdtemp(prefix="segreg_test_out_"))
+    override.setdefault("output_dir", tempfile.mkdtemp(dir=OUTPUT_ROOT.name))
     wf = ConfigWorkflow(config_file=[str(f) for f in files], workflow_type=workflow_type, **override)
     wf.initialize()
     return wf

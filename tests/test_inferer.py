@@ -50,6 +50,42 @@ def test_cropping_and_batching_do_not_change_the_result():
         torch.testing.assert_close(ddf, ref)
 
 
+class ShapeRecorder(MaxIntensityNet):
+    """MaxIntensityNet that records the shape of every batch it is given."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def forward(self, x):
+        self.shapes.append(tuple(x.shape))
+        return super().forward(x)
+
+
+def small_regions_case():
+    """Three 6 x 6 x 4 regions in a 64 x 64 x 16 image: their boxes are far smaller than the background's."""
+    label = torch.zeros((1, 1, 64, 64, 16))
+    for r, x0 in ((1, 5), (2, 25), (3, 45)):
+        label[:, :, x0 : x0 + 6, 20:26, 6:10] = r
+    return torch.cat([label.clamp(max=1), label.clamp(max=1)], 1), label, label.clone()
+
+
+@pytest.mark.parametrize(
+    "pad_limit, expected",
+    [(1.5, [(3, 2, 16, 16, 16), (1, 2, 64, 64, 16)]), (float("inf"), [(4, 2, 64, 64, 16)])],
+)
+def test_batches_are_not_padded_past_pad_limit(pad_limit, expected):
+    inputs, fl, ml = small_regions_case()
+    net = ShapeRecorder()
+    ref = SegRegInferer(crop=False, max_batch=1, num_steps=0)(inputs, net, fl, ml)["ddf"]
+    net.shapes.clear()
+    ddf = SegRegInferer(margin=2, max_batch=4, pad_limit=pad_limit, num_steps=0)(inputs, net, fl, ml)["ddf"]
+    assert net.shapes == expected  # 4 x 65536 padded voxels for 3 x 4096 + 65536 needed is 3.4x: split at 1.5
+    torch.testing.assert_close(ddf, ref)
+    with pytest.raises(ValueError, match="pad_limit"):
+        SegRegInferer(pad_limit=0.5)
+
+
 def test_region_missing_in_moving_is_skipped_with_a_warning():
     inputs, fl, ml = labelled_case(extra_fixed_region=True)
     with pytest.warns(UserWarning, match=r"\[3\].*background"):
