@@ -14,9 +14,9 @@ subprocess with the same torch threads:
 - ``cropped, sequential``: every region cropped to its box + 8 voxels (the bundles' ``SegRegInferer``), one region
   per pass;
 - ``cropped + batched, padded to the largest``: up to ``max_batch`` crops per pass, each batch padded to its largest
-  box (the inferer before ``pad_limit``);
-- ``cropped + batched by size``: the inferer's default, ``max_batch`` crops per pass but no pass padded past
-  ``pad_limit`` (1.5) times the voxels its crops need alone.
+  box (groups of ``max_batch``, largest box first; the inferer before ``max_padding`` grouped smallest first);
+- ``cropped + batched by size``: the inferer's default, ``max_batch`` crops per pass, largest box first, but no
+  pass padded by more than ``max_padding`` (0.5) of the voxels its crops need alone.
 
 Columns: wall and CPU seconds of the inferer call (backbone, integration, composition, warping), peak resident memory
 of the process and the part added by the call (GiB; CUDA: peak allocated), and the ratios of CPU seconds (CUDA: wall)
@@ -40,7 +40,7 @@ SETTINGS = {
     "whole grid, sequential": {"crop": False, "max_batch": 1},
     "whole grid, batched": {"crop": False},
     "cropped, sequential": {"crop": True, "max_batch": 1},
-    "cropped + batched, padded to the largest": {"crop": True, "pad_limit": float("inf")},
+    "cropped + batched, padded to the largest": {"crop": True, "max_padding": float("inf")},
     "cropped + batched by size": {"crop": True},
 }
 

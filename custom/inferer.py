@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -12,6 +11,7 @@ from monai.networks.blocks import Warp
 from custom.composer import FieldComposer
 from custom.networks import VelocityToDisplacement
 from custom.plan import RegionPlan, padded_shape
+from custom.region_batch import group_by_shape
 from custom.utils import plain
 from custom.validation import InputError, check_finite
 
@@ -22,7 +22,7 @@ class SegRegInferer(Inferer):
     The pair's :class:`~custom.plan.RegionPlan` gives the regions present in both label maps, their boxes (fixed and
     moving masks plus ``margin``) and masks. Up to ``max_batch`` masked crops (I_m * S_m^i, I_f * S_f^i) go through
     the network at once, smallest box first; each batch is zero-padded to its largest box, rounded up to a multiple of
-    ``divisor``, and a region that would pad its batch past ``pad_limit`` times the voxels its crops need alone starts
+    ``divisor``, and a region that would add more than ``max_padding`` (a fraction) padded voxels to its batch starts
     a new one (so small organs never run at the size of the background's box). The velocity is integrated
     (``num_steps`` scaling and squaring steps, 0 = the network predicts displacements) and the plan composes
     ``u = sum_i w_i u_i`` with the fixed masks (smoothed by ``sigma`` if given). Then the moving image (bilinear) and
@@ -37,8 +37,8 @@ class SegRegInferer(Inferer):
         margin: voxels added around each region's box; keep it above the largest expected displacement (and
             ``3 * sigma``).
         max_batch: most regions per forward pass (bounds memory).
-        pad_limit: largest ratio of a batch's padded voxels to the sum of its crops' own (divisor-padded) voxels;
-            ``float("inf")`` pads every batch of ``max_batch`` to its largest box.
+        max_padding: most padding a batch may carry, as a fraction of the voxels its crops need alone (each padded
+            to ``divisor``); ``float("inf")`` pads every batch of ``max_batch`` to its largest box.
         divisor: crops are padded to multiples of this (the backbone's 2 ** number of poolings).
         num_steps: integration steps (``DVF2DDF``); 0 if the network outputs displacements.
         crop: set False to run every region on the whole grid.
@@ -54,7 +54,7 @@ class SegRegInferer(Inferer):
         self,
         margin: int = 8,
         max_batch: int = 4,
-        pad_limit: float = 1.5,
+        max_padding: float = 0.5,
         divisor: int = 16,
         num_steps: int = 7,
         crop: bool = True,
@@ -69,10 +69,10 @@ class SegRegInferer(Inferer):
         self.spatial_dims = int(spatial_dims)
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
-        if not pad_limit >= 1:
-            raise ValueError(f"pad_limit must be >= 1 (padded voxels over needed voxels), got {pad_limit}")
+        if not max_padding >= 0:
+            raise ValueError(f"max_padding must be >= 0 (a fraction of the voxels the crops need), got {max_padding}")
         self.margin, self.max_batch, self.divisor, self.crop = margin, max_batch, divisor, crop
-        self.pad_limit = float(pad_limit)
+        self.max_padding = float(max_padding)
         self.region_ids = None if region_ids is None else [int(r) for r in region_ids]
         self.amp, self.global_region = amp, global_region
         self.integrate = VelocityToDisplacement(num_steps, frozen_components)
@@ -127,20 +127,10 @@ class SegRegInferer(Inferer):
         )
 
     def batches(self, plan: RegionPlan) -> list[list[int]]:
-        """Region indices of ``plan`` in forward passes: smallest box first, at most ``max_batch`` per pass, and no
-        pass padded past ``pad_limit`` times the voxels its crops need alone."""
-        batches: list[list[int]] = []
-        for i in plan.order_by_size():
-            if batches and len(batches[-1]) < self.max_batch:
-                grown = batches[-1] + [i]
-                shapes = [plan.box_shape(j) for j in grown]
-                padded = len(grown) * math.prod(padded_shape(shapes, self.divisor))
-                needed = sum(math.prod(padded_shape([s], self.divisor)) for s in shapes)
-                if padded <= self.pad_limit * needed:
-                    batches[-1] = grown
-                    continue
-            batches.append([i])
-        return batches
+        """Region indices of ``plan`` in forward passes (:func:`~custom.region_batch.group_by_shape` on the boxes padded
+        to ``divisor``): at most ``max_batch`` per pass, none padded by more than ``max_padding``."""
+        shapes = [padded_shape([plan.box_shape(i)], self.divisor) for i in range(len(plan))]
+        return group_by_shape(shapes, self.max_padding, max_size=self.max_batch)
 
     def register_one(self, pair: torch.Tensor, network, fixed_label, moving_label) -> torch.Tensor:
         """Composed ddf ``(1, D, *S)`` for one case."""

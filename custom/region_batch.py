@@ -158,13 +158,16 @@ class RegionBatch:
         return x[(slice(b, b + 1),) + valid_slices(self.regions[b].shape)]
 
 
-def group_by_shape(shapes: Sequence[Sequence[int]], max_padding: float = 0.5) -> list[list[int]]:
-    """Indices of ``shapes`` grouped for batching, largest first: a shape joins the current group while the padded
-    group (count x largest shape per axis) holds at most ``1 + max_padding`` times the voxels it really has."""
+def group_by_shape(
+    shapes: Sequence[Sequence[int]], max_padding: float = 0.5, max_size: int | None = None
+) -> list[list[int]]:
+    """Indices of ``shapes`` grouped for batching, largest first: a shape joins the current group while the group has
+    fewer than ``max_size`` members (``None``: no cap) and the padded group (count x largest shape per axis) holds at
+    most ``1 + max_padding`` times the voxels it really has."""
     order = sorted(range(len(shapes)), key=lambda i: -math.prod(shapes[i]))
     groups: list[list[int]] = []
     for i in order:
-        if groups:
+        if groups and (max_size is None or len(groups[-1]) < max_size):
             group = groups[-1] + [i]
             size = [max(shapes[j][d] for j in group) for d in range(len(shapes[i]))]
             real = sum(math.prod(shapes[j]) for j in group)

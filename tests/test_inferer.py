@@ -71,19 +71,19 @@ def small_regions_case():
 
 
 @pytest.mark.parametrize(
-    "pad_limit, expected",
-    [(1.5, [(3, 2, 16, 16, 16), (1, 2, 64, 64, 16)]), (float("inf"), [(4, 2, 64, 64, 16)])],
+    "max_padding, expected",
+    [(0.5, [(1, 2, 64, 64, 16), (3, 2, 16, 16, 16)]), (float("inf"), [(4, 2, 64, 64, 16)])],
 )
-def test_batches_are_not_padded_past_pad_limit(pad_limit, expected):
+def test_batches_are_not_padded_past_max_padding(max_padding, expected):
     inputs, fl, ml = small_regions_case()
     net = ShapeRecorder()
     ref = SegRegInferer(crop=False, max_batch=1, num_steps=0)(inputs, net, fl, ml)["ddf"]
     net.shapes.clear()
-    ddf = SegRegInferer(margin=2, max_batch=4, pad_limit=pad_limit, num_steps=0)(inputs, net, fl, ml)["ddf"]
-    assert net.shapes == expected  # 4 x 65536 padded voxels for 3 x 4096 + 65536 needed is 3.4x: split at 1.5
+    ddf = SegRegInferer(margin=2, max_batch=4, max_padding=max_padding, num_steps=0)(inputs, net, fl, ml)["ddf"]
+    assert net.shapes == expected  # 4 x 65536 padded voxels for 3 x 4096 + 65536 needed is 2.4 extra: split at 0.5
     torch.testing.assert_close(ddf, ref)
-    with pytest.raises(ValueError, match="pad_limit"):
-        SegRegInferer(pad_limit=0.5)
+    with pytest.raises(ValueError, match="max_padding"):
+        SegRegInferer(max_padding=-0.1)
 
 
 def test_region_missing_in_moving_is_skipped_with_a_warning():

@@ -43,6 +43,9 @@ def test_grouping_bounds_the_padding_and_keeps_every_region_once():
         assert len(g) * math.prod(size) <= 1.5 * sum(math.prod(shapes[i]) for i in g)
     assert [0, 1] in groups and [2, 3] in groups
     assert len(group_by_shape(shapes, max_padding=0.0)) == 5
+    equal = [(8, 8, 8)] * 5
+    assert [len(g) for g in group_by_shape(equal, max_size=2)] == [2, 2, 1]
+    assert [len(g) for g in group_by_shape(equal)] == [5]
 
 
 def _batch_and_regions(loss, fixed, moving, fixed_label, moving_label):
