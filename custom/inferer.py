@@ -21,7 +21,7 @@ class SegRegInferer(Inferer):
 
     The pair's :class:`~custom.plan.RegionPlan` gives the regions present in both label maps, their boxes (fixed and
     moving masks plus ``margin``) and masks. Up to ``max_batch`` masked crops (I_m * S_m^i, I_f * S_f^i) go through
-    the network at once, smallest box first; each batch is zero-padded to its largest box, rounded up to a multiple of
+    the network at once, largest box first; each batch is zero-padded to its largest box, rounded up to a multiple of
     ``divisor``, and a region that would add more than ``max_padding`` (a fraction) padded voxels to its batch starts
     a new one (so small organs never run at the size of the background's box). The velocity is integrated
     (``num_steps`` scaling and squaring steps, 0 = the network predicts displacements) and the plan composes

@@ -182,10 +182,6 @@ class RegionPlan:
         """Spatial shape of region ``i``'s crop."""
         return box_shape(self.boxes[i])
 
-    def order_by_size(self) -> list[int]:
-        """Region indices sorted by box volume (similar sizes batch with little padding)."""
-        return sorted(range(len(self)), key=lambda i: math.prod(self.box_shape(i)))
-
     def crop(self, x: torch.Tensor, i: int) -> torch.Tensor:
         """``x`` ``(B, C, *S)`` cropped to region ``i``'s box -> ``(B, C, *s)``."""
         return x[(slice(None), slice(None)) + self.boxes[i]]
