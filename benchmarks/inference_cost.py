@@ -181,9 +181,9 @@ def main() -> None:
     page = markdown(results, header)
     print(page)
     if args.md:
-        Path(args.md).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.md).with_suffix(".tmp").write_text(page)
-        Path(args.md).with_suffix(".tmp").replace(Path(args.md))
+        from custom.io import save_text
+
+        save_text(page, args.md)
 
 
 if __name__ == "__main__":

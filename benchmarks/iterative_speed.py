@@ -228,8 +228,9 @@ def main() -> None:
             f"{os.cpu_count()} CPUs; every method in a fresh process; CPU s = all threads together; peak = the "
             "process's resident memory (data included). SegReg runs the `segreg_thorax` bundle's settings."
         )
-        Path(args.md).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.md).write_text(markdown(rows, ratios, header))
+        from custom.io import save_text
+
+        save_text(markdown(rows, ratios, header), args.md)
     if ratios:
         print(f"ratio_segreg_vs_convexadam={max(ratios.values()):.2f}")
 

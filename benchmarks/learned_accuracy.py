@@ -180,6 +180,7 @@ def main() -> None:
     args = ap.parse_args()
     import torch
 
+    from custom.io import save_json, save_text
     from custom.synthetic.acdc import make_acdc
 
     work = Path(args.work).resolve()
@@ -190,7 +191,6 @@ def main() -> None:
     common = dict(
         bundle_root=str(BUNDLE),
         dataset_dir=str(data),
-        ckpt_dir=str(work / "models"),
         pixdim=[3.6, 3.6, 10.0],
         spatial_size=[64, 64, 16],
         num_workers=0,
@@ -202,8 +202,7 @@ def main() -> None:
             rows.update(json.loads(cached.read_text()))
         else:
             new = train_and_score(key, args.epochs, work, common, noisy)
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            cached.write_text(json.dumps(new))
+            save_json(new, cached)
             rows.update(new)
         print(key, {k: round(v, 3) for k, v in rows[key].items() if k in COLUMNS}, flush=True)
     cols = [c for c in COLUMNS if any(c in r for r in rows.values())]
@@ -234,9 +233,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     boxplot(rows, out / "learned_accuracy.png")
-    page = out / "learned_accuracy.md"
-    page.with_suffix(".tmp").write_text("\n".join(lines) + "\n")
-    page.with_suffix(".tmp").replace(page)
+    save_text("\n".join(lines) + "\n", out / "learned_accuracy.md")
     print("\n".join(lines))
 
 

@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 from synthetic_sets import REPO, ground_truth_labels, register_with_labels, score_displacement, synthetic_set
 
+from custom.io import save_text
+
 # region groupings: {name: {label id: region id}} (ids not listed keep their own region)
 GROUPINGS = {
     "acdc": {
@@ -89,8 +91,7 @@ def main() -> None:
                 print(name, label, {c: round(v, 3) for c, v in mean.items()}, flush=True)
                 lines.append(f"| {label} | " + " | ".join(f"{mean[c]:.2f}" for c in COLS) + " |")
         parts.append("\n".join(lines) + "\n")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "number_of_regions.md").write_text("\n".join(parts))
+    save_text("\n".join(parts), out / "number_of_regions.md")
     print("\n".join(parts))
 
 

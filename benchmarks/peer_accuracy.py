@@ -101,7 +101,7 @@ def masks(name: str, rec: dict):
     return None, None
 
 
-def displacement(method: str, name: str, rec: dict, ids, settings, merge, tmp: Path) -> np.ndarray:
+def displacement(method: str, name: str, rec: dict, settings, merge, tmp: Path) -> np.ndarray:
     """Displacement ``(3, *S)`` (voxels of the fixed grid, Learn2Reg sense) of ``method`` on the pair ``rec``."""
     from synthetic_sets import ground_truth_labels, register_with_labels
 
@@ -151,7 +151,7 @@ def worker(name: str, method: str, data: Path, threads: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         for rec in recs:
             w0, c0 = time.perf_counter(), time.process_time()
-            disp = displacement(method, name, rec, ids, settings, merge, Path(tmp))
+            disp = displacement(method, name, rec, settings, merge, Path(tmp))
             cost = {"wall_s": time.perf_counter() - w0, "cpu_s": time.process_time() - c0}
             rows.append({**score_displacement(rec, disp, ids, merge), **cost})
     return {"rows": rows, "peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
@@ -243,6 +243,8 @@ def main() -> None:
     import torch
     from synthetic_sets import synthetic_set
 
+    from custom.io import save_json, save_text
+
     cache, out = Path(args.cache), Path(args.out)
     cache.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
@@ -260,14 +262,12 @@ def main() -> None:
             else:
                 results[method] = run_isolated(name, method, data, args.threads)
                 if "error" not in results[method]:
-                    path.write_text(json.dumps(results[method]))
+                    save_json(results[method], path)
             res = results[method]
             print(name, method, res.get("error") or {k: round(v, 3) for k, v in summary(res).items()}, flush=True)
         boxplot(name, results, out / f"peer_accuracy_{name}.png")
         parts.append(table(name, results, n_pairs))
-    page = out / "peer_accuracy.md"
-    page.with_suffix(".tmp").write_text("\n".join(parts))
-    page.with_suffix(".tmp").replace(page)
+    save_text("\n".join(parts), out / "peer_accuracy.md")
     print("\n".join(parts))
 
 

@@ -30,6 +30,7 @@ from synthetic_sets import ground_truth_labels, register_with_labels, score_disp
 
 from custom.datasets.acdc import acdc_split
 from custom.datasets.learn2reg import learn2reg_pairs, learn2reg_split
+from custom.io import save_text
 from custom.regions import load_merge_map
 from custom.synthetic.abdomen import write_pair_truths
 
@@ -140,8 +141,7 @@ def main() -> None:
     if "abdomen" in sets:
         parts.append(table("AbdomenCTCT (inter-subject, 13 organs)", abdomen, range(14), {}))
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"physical_accuracy{'' if len(sets) == 3 else '_' + '_'.join(sets)}.md").write_text("\n".join(parts))
+    save_text("\n".join(parts), out / f"physical_accuracy{'' if len(sets) == 3 else '_' + '_'.join(sets)}.md")
     print("\n".join(parts))
 
 

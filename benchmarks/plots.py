@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from custom.io import atomic_path
+
 
 def method_boxplot(values: dict, xlabel: str, title: str, path: Path, log: bool = False) -> None:
     """``values``: ``{method label: [numbers]}`` (one box each, top to bottom); ``log``: logarithmic axis (for
@@ -24,7 +26,6 @@ def method_boxplot(values: dict, xlabel: str, title: str, path: Path, log: bool 
     ax.set_title(title, fontsize=9)
     ax.grid(axis="x", alpha=0.3, which="both")
     fig.tight_layout()
-    tmp = Path(path).with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=90)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=90)
     plt.close(fig)
-    tmp.replace(path)

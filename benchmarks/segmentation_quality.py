@@ -16,7 +16,6 @@ against segmentation Dice over every pair and setting) and ``<out>/segmentation_
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from synthetic_sets import REPO, ground_truth_labels, register_with_labels, scor
 
 from custom.degrade import degrade_labels
 from custom.geometry import voxel_spacing
+from custom.io import atomic_path, save_json, save_text
 from custom.metrics import mean_dice
 
 # (kind, mm): ground truth, then two levels of each way automatic segmentations fail
@@ -91,7 +91,8 @@ def figure(name: str, points: list[dict], path: Path) -> None:
     axes[0].legend(fontsize=6)
     fig.suptitle(f"{name}: registration accuracy vs segmentation quality", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp)
     plt.close(fig)
 
 
@@ -144,12 +145,12 @@ def main() -> None:
                 lines.append(f"- {kind}: slope {a:.3f} mm per Dice point, r = {r:.2f} ({len(sel)} points)")
             else:
                 lines.append(f"- {kind}: the amounts are below this set's voxel size; the labels did not change")
-        (out / f"segmentation_quality_{name}.json").write_text(json.dumps(points, indent=4))
+        save_json(points, out / f"segmentation_quality_{name}.json")
         png = out / f"segmentation_quality_{name}.png"
         figure(name, points, png)
         lines.append(f"\n![{name}]({png.name})\n")
         parts.append("\n".join(lines))
-    (out / "segmentation_quality.md").write_text("\n".join(parts))
+    save_text("\n".join(parts), out / "segmentation_quality.md")
     print("\n".join(parts))
 
 

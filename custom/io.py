@@ -89,6 +89,13 @@ def load_nifti(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
         ) from e
 
 
+def save_text(text: str, path: str | os.PathLike) -> Path:
+    """Write ``text`` to ``path`` atomically (a markdown page, a log)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
+
+
 def save_json(obj, path: str | os.PathLike) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=4, default=float) + "\n")
