@@ -1,8 +1,10 @@
 """multi_gpu_train.json really runs under torchrun: two processes on CPU with the gloo backend (one short epoch)."""
 
 import json
+import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -17,6 +19,28 @@ TINY = [
 ]  # fmt: skip
 
 
+# A rank of a two-rank gloo run on CPU can die in C++ (std::terminate -> SIGABRT, no Python traceback): seen twice in
+# about 100 runs here (torch 2.13.0), not reproducible on demand; likely gloo's worker threads at teardown. The
+# configs end with dist.barrier() before destroy_process_group to narrow it; the tests retry that one failure once.
+GLOO_ABORT = "terminate called without an active exception"
+
+
+def torchrun(cmd, cwd, outputs=()) -> str:
+    """Run ``cmd`` (a torchrun command); the combined log, after asserting a clean exit. A run that only failed by
+    that abort is retried once (``outputs`` removed first), with a warning; any other failure, or a second
+    abort, fails the test."""
+    for attempt in range(2):
+        for path in outputs if attempt else ():
+            shutil.rmtree(path, ignore_errors=True)
+        proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=240)
+        log = proc.stdout + proc.stderr
+        if proc.returncode == 0 or attempt == 1 or GLOO_ABORT not in proc.stderr:
+            break
+        warnings.warn(f"torchrun: a rank aborted in C++ ({GLOO_ABORT!r}); running once more")
+    assert proc.returncode == 0, log[-3000:]
+    return log
+
+
 def test_two_ranks_train_one_epoch_and_rank_0_saves_the_checkpoint(tmp_path):
     data = tmp_path / "acdc"
     make_acdc(str(data), n_subjects=4, n_test=1, shape=(64, 64, 16), seed=3)
@@ -27,9 +51,7 @@ def test_two_ranks_train_one_epoch_and_rank_0_saves_the_checkpoint(tmp_path):
            "--dataset_dir", str(data), "--ckpt_dir", str(tmp_path / "models"), "--output_dir", str(tmp_path / "out"),
            "--epochs", "1", "--val_interval", "1", "--num_workers", "0", "--pixdim", "[3.6,3.6,10.0]",
            "--spatial_size", "[32,32,16]", *TINY]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=240)
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-3000:]
+    log = torchrun(cmd, tmp_path, [tmp_path / "models", tmp_path / "out"])
     # both ranks ran the trainer and the evaluator; only rank 0 logs the metrics and saves
     assert log.count("SupervisedTrainer - INFO - Epoch[1] Complete") == 2, log[-3000:]
     assert log.count("SupervisedEvaluator - INFO - Epoch[1] Complete") == 2
@@ -61,9 +83,7 @@ def test_two_ranks_share_the_evaluation_pairs_and_rank_0_writes_one_merged_table
            "monai.bundle", "run", "--config_file", files, "--dist_backend", "gloo", "--dataset_dir", str(data),
            "--ckpt_dir", str(tmp_path / "models"), "--output_dir", str(tmp_path / "eval"), "--num_workers", "0",
            "--pixdim", "[3.6,3.6,10.0]", "--spatial_size", "[32,32,16]", *TINY]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=240)
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-3000:]
+    log = torchrun(cmd, tmp_path, [tmp_path / "eval"])
     assert log.count("SupervisedEvaluator - INFO - Epoch[1] Complete") == 2  # both ranks evaluated
     table = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     pairs = sorted(c["pair"] for c in table["cases"])
