@@ -1,4 +1,5 @@
-"""SegReg command line: ``python -m custom <verb>`` (``make-data``, ``demo``, ``register``, ``warp``, ``export``).
+"""SegReg command line: ``python -m custom <verb>`` (``make-data``, ``demo``, ``register``, ``warp``, ``convert``,
+``invert``, ``export``).
 
 Run ``python -m custom <verb> --help`` for the options of a verb.
 """
@@ -167,10 +168,13 @@ def demo(
 
 def main() -> None:
     from custom.export import export_bundle
+    from custom.interop import convert, invert
     from custom.register import register, warp
 
+    verbs = {"make-data": make_data, "demo": demo, "register": register, "warp": warp, "convert": convert}
+    verbs.update({"invert": invert, "export": export_bundle})
     try:
-        fire.Fire({"make-data": make_data, "demo": demo, "register": register, "warp": warp, "export": export_bundle})
+        fire.Fire(verbs)
     except (InputError, FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

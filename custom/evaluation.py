@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from custom.geometry import original_geometry, tre_world
+from custom.geometry import original_geometry, through_plane_axis, tre_world
 from custom.io import save_csv, save_json
 from custom.metrics import dice_per_label, hd95_per_label, jacobian_stats, warp_labels
 from custom.utils import plain
@@ -136,14 +136,6 @@ def write_table(
         out_dir / f"{name}.json",
     )
     return summary
-
-
-def through_plane_axis(spacing) -> int | None:
-    """The slice axis of thick-slice data (spacing over twice every other axis's), else ``None``."""
-    sp = np.asarray(spacing, dtype=float)
-    k = int(np.argmax(sp))
-    others = np.delete(sp, k)
-    return k if others.size and sp[k] > 2 * others.max() else None
 
 
 def border_band(label: np.ndarray, width: int = 2) -> np.ndarray:

@@ -25,6 +25,8 @@ import zipfile
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 
+from custom.flags import as_bool
+from custom.io import check_overwrite
 from custom.validation import InputError
 
 PACKAGE = Path(__file__).resolve().parent
@@ -200,6 +202,7 @@ def export_bundle(
     metrics: str | None = None,
     overwrite: bool = False,
     require_weights: bool = True,
+    overrides: dict | None = None,
 ) -> str:
     """Write ``out_dir/<bundle>/`` (Model Zoo layout, self-contained) and ``out_dir/<bundle>_v<version>.zip``.
 
@@ -212,18 +215,46 @@ def export_bundle(
         overwrite: replace an existing export.
         require_weights: refuse a trained bundle without weights (a Model Zoo release); ``False`` exports it
             without ``models/model.pt`` (the MONAI Label app trains it first).
+        overrides: config ids the weights were trained with, written into the release's configs, e.g.
+            ``--overrides '{"network_def#channels": [8,8,8,8,8,8,8,8]}'``.
+
+    The checkpoint is opened and checked against the bundle's ``network_def`` and checkpoint record before anything
+    is written (:func:`check_release_checkpoint`).
     """
     if bundle not in BUNDLES:
         raise InputError(f"unknown bundle {bundle!r} (--bundle); choose one of {list(BUNDLES)}")
     src = REPO / "bundles" / bundle
     if not (src / "configs" / "metadata.json").is_file():
         raise InputError(f"{src} is not a bundle folder; export runs from a clone of the SegReg repository")
+    overwrite, require_weights = as_bool(overwrite, "overwrite"), as_bool(require_weights, "require_weights")
     out = Path(out_dir)
     dst = out / bundle
-    if dst.exists() and not overwrite:
-        raise FileExistsError(f"{dst} exists; pass --overwrite true to replace it")
-    out.mkdir(parents=True, exist_ok=True)
     meta = json.loads((src / "configs" / "metadata.json").read_text())
+    archive = out / f"{bundle}_v{meta['version']}.zip"
+    check_overwrite([dst, archive], overwrite, "export")
+    ckpt = None
+    if bundle not in TRAINING_FREE:
+        ckpt = Path(checkpoint) if checkpoint else _default_checkpoint(src)
+        missing = ckpt is None or not ckpt.is_file()
+        if missing and (require_weights or checkpoint):
+            raise FileNotFoundError(
+                f"no weights to export for {bundle} ({ckpt or src / 'models'}); train the bundle first "
+                "(python -m monai.bundle run training --config_file <bundle>/configs/train.json) or pass "
+                "--checkpoint"
+            )
+        ckpt = None if missing else ckpt
+    overrides = {} if overrides is None else overrides
+    if not isinstance(overrides, dict) or not all(isinstance(k, str) for k in overrides):
+        raise InputError(
+            "--overrides takes a dict of config ids, e.g. '{\"network_def#channels\": [8,8,8,8,8,8,8,8]}'; got "
+            f"{overrides!r}"
+        )
+    if ckpt is not None:
+        check_release_checkpoint(ckpt, src, overrides)  # before anything is written
+    summary = None
+    if metrics:
+        summary = read_metrics_summary(metrics)
+    out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out, prefix=f".{bundle}.export-") as tmp:
         stage = Path(tmp) / bundle
         shutil.copytree(src / "configs", stage / "configs")
@@ -235,25 +266,10 @@ def export_bundle(
                 continue
             cfg = json.loads(cfg_path.read_text())
             if isinstance(cfg, dict) and ("imports" in cfg or "initialize" in cfg):  # a config, not a data file
-                cfg_path.write_text(json.dumps(rewrite_config(cfg), indent=4) + "\n")
-        summary = None
-        if metrics:
-            table = json.loads(Path(metrics).read_text())["summary"]
-            summary = {k: v["mean"] for k, v in table.items() if k in ("dice_mean", "hd95_mean", "sdlogj", "tre_mm")}
+                cfg_path.write_text(json.dumps(rewrite_config(set_ids(cfg, overrides)), indent=4) + "\n")
         meta = update_metadata(meta, bundle, summary)
         (stage / "configs" / "metadata.json").write_text(json.dumps(meta, indent=4) + "\n")
         (stage / "models").mkdir()
-        ckpt = None
-        if bundle not in TRAINING_FREE:
-            ckpt = Path(checkpoint) if checkpoint else _default_checkpoint(src)
-            missing = ckpt is None or not ckpt.is_file()
-            if missing and (require_weights or checkpoint):
-                raise FileNotFoundError(
-                    f"no weights to export for {bundle} ({ckpt or src / 'models'}); train the bundle first "
-                    "(python -m monai.bundle run training --config_file <bundle>/configs/train.json) or pass "
-                    "--checkpoint"
-                )
-            ckpt = None if missing else ckpt
         if ckpt is not None:
             shutil.copy2(ckpt, stage / "models" / "model.pt")
             (stage / "large_files.yml").write_text(large_files_yml(stage / "models" / "model.pt", "models/model.pt"))
@@ -263,7 +279,6 @@ def export_bundle(
         if dst.exists():
             shutil.rmtree(dst)
         os.replace(stage, dst)
-    archive = out / f"{bundle}_v{meta['version']}.zip"
     tmp_zip = archive.with_name(f".{archive.name}.tmp")
     with zipfile.ZipFile(tmp_zip, "w", zipfile.ZIP_DEFLATED) as zf:
         for f in sorted(dst.rglob("*")):
@@ -272,6 +287,62 @@ def export_bundle(
     os.replace(tmp_zip, archive)
     print(f"exported {dst} and {archive}")
     return str(dst)
+
+
+def read_metrics_summary(path: str | os.PathLike) -> dict:
+    """The means of the headline metrics of a ``metrics.json`` written by a bundle evaluation."""
+    try:
+        table = json.loads(Path(path).read_text())["summary"]
+        return {k: v["mean"] for k, v in table.items() if k in ("dice_mean", "hd95_mean", "sdlogj", "tre_mm")}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise InputError(
+            f"cannot read the metrics table {path} ({type(e).__name__}: {e}); pass the metrics.json a bundle "
+            "evaluation wrote (--metrics)"
+        ) from e
+
+
+def set_ids(cfg: dict, overrides: dict) -> dict:
+    """``cfg`` with each ``"a#b#c"`` id of ``overrides`` set where its first part is a key of ``cfg``."""
+    for key, value in overrides.items():
+        parts = key.split("#")
+        if parts[0] not in cfg:
+            continue
+        node = cfg
+        for part in parts[:-1]:
+            node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
+        node[int(parts[-1]) if isinstance(node, list) else parts[-1]] = value
+    return cfg
+
+
+def check_release_checkpoint(ckpt: Path, src: Path, overrides: dict | None = None) -> None:
+    """Open ``ckpt`` and check it against the bundle's ``network_def`` and checkpoint record (variant, backbone,
+    integration, frozen components) and load its weights strictly: a truncated file, another network's weights or
+    another variant is refused naming the file, before the release is written."""
+    import torch
+    from monai.bundle import ConfigParser
+
+    from custom.checkpoint import check_checkpoint
+
+    parser = ConfigParser()
+    parser.read_config(str(src / "configs" / "inference.json"))
+    parser.read_meta(str(src / "configs" / "metadata.json"))
+    parser.update({"bundle_root": str(src), "device": "$torch.device('cpu')", **(overrides or {})})
+    try:
+        info = parser.get_parsed_content("model_info")
+        check_checkpoint(ckpt, info, "pass --checkpoint with the weights of a training run of this bundle")
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)["model"]
+        result = info.network.load_state_dict(state, strict=False)
+    except InputError:
+        raise
+    except Exception as e:  # torch.load raises many types for a damaged file
+        raise InputError(f"--checkpoint {ckpt} cannot be shipped with {src.name}: {type(e).__name__}: {e}") from e
+    bad = list(result.missing_keys) + list(result.unexpected_keys)
+    if bad:
+        raise InputError(
+            f"--checkpoint {ckpt} does not fit {src.name}'s network_def: {len(result.missing_keys)} missing and "
+            f"{len(result.unexpected_keys)} unexpected weights (e.g. {bad[0]}); pass the weights of a training run "
+            "of this bundle"
+        )
 
 
 def _default_checkpoint(src: Path) -> Path | None:

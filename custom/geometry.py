@@ -32,6 +32,50 @@ def voxel_spacing(affine) -> np.ndarray:
     return np.linalg.norm(as_affine(affine)[:3, :3], axis=0)
 
 
+# thick-slice data (cine MR: 1.8 x 1.8 x 10 mm) registers in-plane by default from this spacing ratio on
+THICK_SLICE_RATIO = 2.5
+
+
+def through_plane_axis(spacing, ratio: float = 2.0) -> int | None:
+    """The slice axis of thick-slice data (spacing over ``ratio`` times every other axis's), else ``None``."""
+    sp = np.asarray(spacing, dtype=float)
+    k = int(np.argmax(sp))
+    others = np.delete(sp, k)
+    return k if others.size and sp[k] > ratio * others.max() else None
+
+
+def in_plane_components(in_plane, spacing, name: str = "the fixed image") -> tuple[tuple[int, ...], str | None]:
+    """Displacement components to hold at 0 for ``in_plane`` ("auto", True or False) on a grid of ``spacing`` (mm).
+
+    "auto": the slice axis where one axis' spacing is at least :data:`THICK_SLICE_RATIO` times every other's (thick-
+    slice cine MR, whose through-plane motion the slices cannot resolve), else none. True: the slice axis (over twice
+    the others' spacing), refused on data that has none. False: none. Returns ``(components, message)``; the message
+    (for one log line) says what "auto" chose, ``None`` otherwise.
+    """
+    from custom.flags import auto_or_bool
+    from custom.validation import InputError
+
+    sp = np.round(np.asarray(spacing, dtype=float), 3).tolist()
+    in_plane = auto_or_bool(in_plane, "in_plane")
+    if in_plane == "auto":
+        axis = through_plane_axis(spacing, ratio=THICK_SLICE_RATIO * (1 - 1e-6))
+        if axis is None:
+            return (), None
+        return (axis,), (
+            f"thick-slice data ({name}: spacing {sp} mm): the through-plane displacement (axis {axis}) is held at 0; "
+            "pass --in_plane false to register it"
+        )
+    if not in_plane:
+        return (), None
+    axis = through_plane_axis(spacing)
+    if axis is None:
+        raise InputError(
+            f"{name} is not thick-slice data (spacing {sp} mm: no axis with over twice the others' spacing); "
+            "drop --in_plane or pass --in_plane false"
+        )
+    return (axis,), None
+
+
 def world_box(affine, shape: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
     """(min, max) world corners (mm) of a grid's voxel centres."""
     a = as_affine(affine)

@@ -9,6 +9,7 @@ from monai.inferers import Inferer
 from monai.networks.blocks import Warp
 
 from custom.composer import FieldComposer
+from custom.flags import as_bool
 from custom.networks import VelocityToDisplacement
 from custom.plan import RegionPlan, padded_shape
 from custom.region_batch import group_by_shape
@@ -74,7 +75,7 @@ class SegRegInferer(Inferer):
         self.margin, self.max_batch, self.divisor, self.crop = margin, max_batch, divisor, crop
         self.max_padding = float(max_padding)
         self.region_ids = None if region_ids is None else [int(r) for r in region_ids]
-        self.amp, self.global_region = amp, global_region
+        self.amp, self.global_region = as_bool(amp, "amp"), as_bool(global_region, "global_region")
         self.integrate = VelocityToDisplacement(num_steps, frozen_components)
         self.composer = FieldComposer(sigma=sigma)
         self.warp_image = Warp(mode="bilinear", padding_mode="border")

@@ -68,11 +68,56 @@ def spacing_affine(spacing: Sequence[float], origin: Sequence[float] = (0.0, 0.0
     return aff
 
 
-def save_nifti(array: np.ndarray, path: str | os.PathLike, affine: np.ndarray, dtype=None) -> Path:
-    """Write ``array`` (spatial axes first, e.g. ``(X, Y, Z)`` or ``(X, Y, Z, 3)``) atomically."""
+def check_overwrite(paths, overwrite: bool, what: str = "outputs") -> list[Path]:
+    """Refuse (``FileExistsError``, before any work) to replace existing ``paths`` unless ``overwrite``; the message
+    names them and the fix. Returns the existing ones (to be replaced when ``overwrite``)."""
+    existing = [Path(p) for p in paths if Path(p).exists()]
+    if existing and not overwrite:
+        more = f" and {len(existing) - 1} more files" if len(existing) > 1 else ""
+        raise FileExistsError(
+            f"{existing[0]}{more} {'exist' if more else 'exists'} from an earlier run ({what}); pass --overwrite "
+            "true to replace, or choose another output"
+        )
+    return existing
+
+
+def check_not_input(out: str | os.PathLike, inputs, option: str = "out") -> None:
+    """Refuse an output path that is one of the inputs (inputs are never overwritten)."""
+    for p in inputs:
+        if p is not None and Path(p).exists() and Path(out).exists() and Path(out).resolve() == Path(p).resolve():
+            raise FileExistsError(f"--{option} {out} is an input of this command; inputs are never overwritten")
+
+
+# a displacement file records the grid of the moving image it indexes (NIfTI comment extension, JSON), so that
+# applying it to an image on another grid is refused instead of silently misplacing it
+GRID_RECORD = "segreg_moving_grid"
+COMMENT_CODE = 6  # NIFTI_ECODE_COMMENT
+
+
+def grid_record(path: str | os.PathLike) -> dict | None:
+    """``{"shape": [...], "affine": 4x4}`` of the moving image a SegReg displacement file indexes, else ``None``."""
+    for ext in nib.load(str(path)).header.extensions:
+        if ext.get_code() != COMMENT_CODE:
+            continue
+        try:
+            record = json.loads(ext.get_content().decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            continue
+        if isinstance(record, dict) and GRID_RECORD in record:
+            return record[GRID_RECORD]
+    return None
+
+
+def save_nifti(
+    array: np.ndarray, path: str | os.PathLike, affine: np.ndarray, dtype=None, record: dict | None = None
+) -> Path:
+    """Write ``array`` (spatial axes first, e.g. ``(X, Y, Z)`` or ``(X, Y, Z, 3)``) atomically; ``record`` is stored
+    as JSON in a NIfTI comment extension."""
     arr = np.asarray(array if dtype is None else np.asarray(array).astype(dtype))
     img = nib.Nifti1Image(arr, affine)
     img.header.set_xyzt_units("mm")
+    if record:
+        img.header.extensions.append(nib.nifti1.Nifti1Extension(COMMENT_CODE, json.dumps(record).encode("utf-8")))
     with atomic_path(path) as tmp:
         nib.save(img, str(tmp))
     return Path(path)
@@ -141,12 +186,25 @@ def learn2reg_disp_name(fixed: str | os.PathLike, moving: str | os.PathLike) -> 
     return f"disp_{fs}_{fm}_{ms}_{mm}.nii.gz"
 
 
-def save_displacement(ddf: np.ndarray, path: str | os.PathLike, affine: np.ndarray) -> Path:
-    """Save a ``(3, X, Y, Z)`` voxel ddf as Learn2Reg ``(X, Y, Z, 3)`` float32 NIfTI; a non-finite field is refused."""
+def save_displacement(
+    ddf: np.ndarray,
+    path: str | os.PathLike,
+    affine: np.ndarray,
+    moving_affine: np.ndarray | None = None,
+    moving_shape: Sequence[int] | None = None,
+) -> Path:
+    """Save a ``(3, X, Y, Z)`` voxel ddf as Learn2Reg ``(X, Y, Z, 3)`` float32 NIfTI; a non-finite field is refused.
+
+    ``moving_affine``/``moving_shape``: the grid of the moving file the field indexes (default: the fixed grid, as in
+    Learn2Reg), recorded in the header (:func:`grid_record`) so that ``warp`` can check what it is applied to.
+    """
     ddf = np.asarray(ddf, np.float32)
     if ddf.ndim != 4 or ddf.shape[0] != 3:
         raise ValueError(f"expected a (3, X, Y, Z) displacement, got {ddf.shape}")
     bad = int((~np.isfinite(ddf)).sum())
     if bad:
         raise ValueError(f"the displacement for {path} has {bad} non-finite values; it is not written")
-    return save_nifti(np.moveaxis(ddf, 0, -1), path, affine, dtype=np.float32)
+    moving_affine = np.asarray(affine if moving_affine is None else moving_affine, dtype=float)
+    moving_shape = ddf.shape[1:] if moving_shape is None else moving_shape
+    record = {GRID_RECORD: {"shape": [int(n) for n in moving_shape], "affine": moving_affine.tolist()}}
+    return save_nifti(np.moveaxis(ddf, 0, -1), path, affine, dtype=np.float32, record=record)

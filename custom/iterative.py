@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -15,7 +16,8 @@ from monai.networks.blocks import Warp
 from tqdm.auto import tqdm
 
 from custom.composer import FieldComposer
-from custom.geometry import voxel_spacing
+from custom.flags import as_bool, auto_or_bool
+from custom.geometry import in_plane_components, voxel_spacing
 from custom.losses import RegionDiffusionLoss, SegRegLoss
 from custom.mind import MINDSSCLoss, noise_variance
 from custom.networks import VelocityToDisplacement
@@ -34,6 +36,8 @@ from custom.region_batch import (
 from custom.regions import normalised_edt
 from custom.utils import plain
 from custom.validation import check_finite
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -110,6 +114,9 @@ class IterativeSegReg:
         region_ids: regions to register (``None`` = every id present in both label maps).
         progress: show a tqdm progress bar per pair.
         frozen_components: displacement components held at 0 (``(2,)``: in-plane field for thick-slice data).
+        in_plane: "auto" holds the slice axis' component at 0 on thick-slice pairs (one spacing at least 2.5 times the
+            others', decided per pair from ``spacing`` and logged), True on every pair (refused where there is no
+            slice axis), False never (default; ``frozen_components`` still apply).
         reg_domain: where each region's field is regularised: "region" (inside its fixed mask: the paper's "L2 summed
             within each fixed region"), "box" (its whole crop: the field stays smooth just outside the region, which
             steadies thin and small structures), or a dilation of the mask in voxels. The field is only used inside
@@ -149,6 +156,7 @@ class IterativeSegReg:
         global_region: bool = False,
         progress: bool = True,
         frozen_components: Sequence[int] = (),
+        in_plane: bool | str = False,
         grid_spacing_mm: float | None = None,
         reg_domain: str | int = "region",
         sigma: float | None = None,
@@ -182,9 +190,11 @@ class IterativeSegReg:
         self.fov_value = fov_value
         self.lr, self.margin = lr, margin
         self.region_ids = None if region_ids is None else [int(r) for r in region_ids]
-        self.global_region, self.progress = global_region, progress
-        self.integrate = VelocityToDisplacement(num_steps if field == "velocity" else 0, frozen_components)
-        self.frozen_components = [int(c) for c in frozen_components]
+        self.global_region, self.progress = as_bool(global_region, "global_region"), as_bool(progress, "progress")
+        self.num_steps = num_steps if field == "velocity" else 0
+        self.base_frozen = sorted({int(c) for c in (frozen_components or ())})
+        self.in_plane = auto_or_bool(in_plane, "in_plane")
+        self.set_frozen(self.base_frozen)
         self.centroid_init = float(centroid_init)
         self.grid_spacing_mm = None if grid_spacing_mm is None else float(grid_spacing_mm)
         if not (reg_domain in ("region", "box") or (isinstance(reg_domain, int) and reg_domain >= 0)):
@@ -421,6 +431,11 @@ class IterativeSegReg:
         for b, (k, _) in enumerate(members):
             fields[k] = batch.crop(out, b).detach()
 
+    def set_frozen(self, components: Sequence[int]) -> None:
+        """Hold these displacement components at 0 (the pair's in-plane decision plus ``frozen_components``)."""
+        self.frozen_components = sorted({int(c) for c in components})
+        self.integrate = VelocityToDisplacement(self.num_steps, self.frozen_components)
+
     def __call__(self, fixed, moving, fixed_label, moving_label, spacing: Sequence[float] | None = None) -> dict:
         threads = torch.get_num_threads()
         if self.num_threads is not None and fixed.device.type == "cpu":
@@ -443,6 +458,10 @@ class IterativeSegReg:
                 f"{[tuple(t.shape) for t in (fixed, moving, fixed_label, moving_label)]}. Resample them first."
             )
         spacing = [1.0] * (fixed.ndim - 2) if spacing is None else [float(s) for s in spacing]
+        frozen, message = in_plane_components(self.in_plane, spacing, "the fixed image")
+        if message:
+            logger.info(message)
+        self.set_frozen(self.base_frozen + list(frozen))
         plan = self.plan(fixed_label, moving_label)
         tasks = self.tasks(plan, fixed)
         bar = tqdm(

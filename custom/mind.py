@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from monai.utils import LossReduction
 from torch.nn.modules.loss import _Loss
 
+from custom.flags import optional_float
 from custom.utils import reduce
 
 
@@ -139,6 +140,7 @@ class MINDSSCLoss(_Loss):
         self, radius: int = 1, dilation: int = 2, reduction: str = "mean", noise_gate: float | None = None
     ) -> None:
         super().__init__(reduction=LossReduction(reduction).value)
+        noise_gate = optional_float(noise_gate, "noise_gate")
         if noise_gate is not None and noise_gate <= 0:
             raise ValueError(f"noise_gate must be a positive multiple of the noise level or None, got {noise_gate!r}")
         self.radius = radius

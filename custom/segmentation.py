@@ -20,6 +20,7 @@ from monai.data import MetaTensor
 from monai.transforms import ResampleToMatch
 from tqdm.auto import tqdm
 
+from custom.flags import as_bool, optional
 from custom.io import load_nifti, save_nifti
 from custom.regions import load_merge_map, merge_labels
 
@@ -111,6 +112,8 @@ def with_automatic_labels(
     ``bundle_dir`` set: segment every image with that bundle into ``label_dir``. Only ``label_dir`` set: take the
     precomputed label maps named like the images from it. Neither: return ``records`` unchanged (ground truth).
     """
+    overwrite = as_bool(overwrite, "seg_overwrite")
+    bundle_dir, label_dir = optional(bundle_dir), optional(label_dir)
     if bundle_dir is None and label_dir is None:
         return records
     if label_dir is None:

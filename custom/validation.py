@@ -62,13 +62,20 @@ def check_dims(x, name: str, spatial_dims: int = 3) -> None:
             f"{name} has shape {shape[1:] if len(shape) > 1 else shape}, i.e. {len(shape) - 1} spatial dimensions; "
             f"SegReg registers {spatial_dims}-D volumes (one channel). Split 4-D series into 3-D frames first."
         )
+    if shape[0] != 1:  # LoadImaged(ensure_channel_first) reads the 4th axis of a NIfTI file as channels
+        raise InputError(
+            f"{name} has shape {shape[1:] + shape[:1]}, i.e. {len(shape)} spatial dimensions (or {shape[0]} "
+            f"channels); SegReg registers {spatial_dims}-D volumes (one channel). Split 4-D series into 3-D frames "
+            "first."
+        )
     if min(shape[1:]) < 2:
         raise InputError(f"{name} has shape {shape[1:]}: every spatial axis needs at least 2 voxels.")
 
 
 def check_spacing(x, name: str, spacing_range: Sequence[float] = (1e-2, 100.0)) -> None:
-    """Refuse voxel sizes outside ``spacing_range`` (mm); a wrong header unit would otherwise exhaust memory."""
-    affine = getattr(x, "affine", None)
+    """Refuse voxel sizes outside ``spacing_range`` (mm); a wrong header unit would otherwise exhaust memory.
+    ``x``: a ``MetaTensor`` (its affine is checked; nothing to check without one) or a 4x4 affine."""
+    affine = getattr(x, "affine", None) if not isinstance(x, np.ndarray) else x
     if affine is None:
         return
     spacing = voxel_spacing(affine)
@@ -78,6 +85,14 @@ def check_spacing(x, name: str, spacing_range: Sequence[float] = (1e-2, 100.0)) 
             f"{name} has voxel spacing {np.round(spacing, 4).tolist()} mm, outside [{lo}, {hi}] mm; check the header "
             "(units, pixdim) and fix it before registration."
         )
+
+
+def check_volume(array, affine, name: str, label: bool = False, spatial_dims: int = 3) -> None:
+    """The checks of :class:`ValidatePaird` on one array as stored (``(*S)``, no channel) with its 4x4 ``affine``:
+    dimensionality, spacing, then finite values (images) or integer ids (label maps)."""
+    check_dims(np.asarray(array)[None], name, spatial_dims)
+    check_spacing(np.asarray(affine, dtype=float), name)
+    (check_integer_labels if label else check_finite)(np.asarray(array), name)
 
 
 class SafeLoadImaged(LoadImaged):
@@ -164,9 +179,21 @@ def require_positive(values: Mapping[str, object]) -> None:
             raise InputError(f"config id '{key}' must be at least 1, got {value!r}")
 
 
-def check_output_dir(path: str | os.PathLike) -> Path:
-    """Create ``path`` if needed and check that files can be written there, before any work is done."""
+def check_output_dir(path: str | os.PathLike, create: bool = True) -> Path:
+    """Create ``path`` if needed and check that files can be written there, before any work is done.
+
+    ``create=False`` leaves the file system as it is (a check before a run that may still be refused): the nearest
+    existing folder on the way to ``path`` must be a folder this process may write to.
+    """
     path = Path(path)
+    if not create:
+        existing = next(p for p in [path, *path.absolute().parents] if p.exists())
+        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+            raise InputError(
+                f"cannot write to the output folder {path}: {existing} is not a writable folder; choose another "
+                "--output_dir"
+            )
+        return path
     try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path, prefix=".segreg-write-test-"):

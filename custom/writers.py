@@ -11,12 +11,25 @@ import torch
 
 from custom.evaluation import epe_metrics, keypoint_tre, pair_metrics, references, write_table
 from custom.figures import registration_figure
+from custom.flags import as_bool
 from custom.geometry import displacement_to_grid, labels_to_grid, original_geometry, voxel_spacing, warp_volume
-from custom.io import file_stem, learn2reg_disp_name, load_nifti, remove_stale_temps, save_displacement, save_nifti
+from custom.io import (
+    check_overwrite,
+    file_stem,
+    learn2reg_disp_name,
+    load_nifti,
+    remove_stale_temps,
+    save_displacement,
+    save_nifti,
+)
+from custom.metrics import warp_labels
 from custom.utils import plain
-from custom.validation import InputError, check_output_dir
+from custom.validation import check_output_dir
 
 logger = logging.getLogger(__name__)
+
+
+SUBFOLDERS = ("", "submission", "displacements", "warped", "figures")
 
 
 def _meta(x) -> dict:
@@ -81,13 +94,15 @@ class RegistrationWriter:
             raise ValueError(f"naming must be 'pair' or 'learn2reg', got {naming!r}")
         self.output_dir = Path(output_dir)
         self.labels = label_names(labels)
-        self.table_name, self.naming, self.save_warped, self.keypoints = table_name, naming, save_warped, keypoints
-        self.save_figures = save_figures
+        self.table_name, self.naming = table_name, naming
+        self.save_warped, self.keypoints = as_bool(save_warped, "save_warped"), as_bool(keypoints, "keypoints")
+        self.save_figures = as_bool(save_figures, "save_figures")
         self.jacobian_border = jacobian_border if isinstance(jacobian_border, int) else list(jacobian_border)
         self.border_band = int(border_band)
-        self.overwrite = bool(overwrite)
+        self.overwrite = as_bool(overwrite, "overwrite")
         self.rows: list[dict] = []
         self.summary: dict = {}
+        self.checked = False  # outputs checked for this run (check_outputs); cleared when the run completes
 
     def attach(self, engine) -> None:
         from ignite.engine import Events
@@ -96,19 +111,30 @@ class RegistrationWriter:
         engine.add_event_handler(Events.ITERATION_COMPLETED, self)
         engine.add_event_handler(Events.COMPLETED, self.write_table)
 
-    def reset(self, engine=None) -> None:
-        """Start of a run: check the output folder can be written (before any pair is computed), clear temporary files
-        of killed runs, and refuse or announce replacing an earlier result."""
-        self.rows = []
-        check_output_dir(self.output_dir)
-        for sub in ("", "submission", "displacements", "warped", "figures"):
+    def check_outputs(self, create: bool = True) -> None:
+        """Check the output folder can be written and refuse (``overwrite=False``) or announce replacing the results of
+        an earlier run there: its table or any per-pair file. Configs call it with ``create=False`` at the start of
+        ``run``, before any work; the run's start checks again and creates the folder."""
+        check_output_dir(self.output_dir, create)
+        for sub in SUBFOLDERS:
             if (self.output_dir / sub).is_dir():
                 remove_stale_temps(self.output_dir / sub)
-        table = self.output_dir / f"{self.table_name}.csv"
-        if table.exists():
-            if not self.overwrite:
-                raise InputError(f"{table} exists from an earlier run; pass --overwrite true or another --output_dir")
+        earlier = [self.output_dir / f"{self.table_name}.{ext}" for ext in ("csv", "json")]
+        earlier += [
+            p for sub in SUBFOLDERS[1:] if (self.output_dir / sub).is_dir() for p in (self.output_dir / sub).iterdir()
+        ]
+        if check_overwrite(earlier, self.overwrite, "an evaluation; --output_dir") and not self.checked:
             logger.warning("replacing the results of an earlier run in %s", self.output_dir)
+        self.checked = True
+
+    def reset(self, engine=None) -> None:
+        """Start of a run: :meth:`check_outputs` unless ``initialize`` did (under torchrun another rank may already be
+        writing its pairs), and an empty table."""
+        self.rows = []
+        if self.checked:  # by the config before the run: only make the folder (another rank may be writing there)
+            check_output_dir(self.output_dir)
+        else:
+            self.check_outputs()
 
     def __call__(self, engine) -> None:
         batch, output = engine.state.batch, engine.state.output
@@ -131,7 +157,7 @@ class RegistrationWriter:
         ddf = plain(pred["ddf"]).detach().float().cpu()[None]
         fixed, moving = b["fixed_image"], b["moving_image"]
         reg_affine, fixed_affine, fixed_shape = original_geometry(fixed)
-        _, moving_affine, _ = original_geometry(moving)
+        _, moving_affine, moving_shape = original_geometry(moving)
         spacing = voxel_spacing(reg_affine).tolist()
         name = self.pair_name(b)
         disp = displacement_to_grid(ddf[0], reg_affine, fixed_affine, fixed_shape, moving_affine)
@@ -139,14 +165,16 @@ class RegistrationWriter:
             raise ValueError(f"the displacement of {name} is not finite; nothing is written for it")
         f, m = (_meta(b[k]).get("filename_or_obj", "") for k in ("fixed_image", "moving_image"))
         if self.naming == "learn2reg":
-            save_displacement(disp.numpy(), self.output_dir / "submission" / learn2reg_disp_name(f, m), fixed_affine)
+            path = self.output_dir / "submission" / learn2reg_disp_name(f, m)
         else:
-            save_displacement(disp.numpy(), self.output_dir / "displacements" / f"{name}.nii.gz", fixed_affine)
+            path = self.output_dir / "displacements" / f"{name}.nii.gz"
+        save_displacement(disp.numpy(), path, fixed_affine, moving_affine, moving_shape)
         if self.save_warped:
             self.save_warped_files(b, disp, fixed_affine, name)
         if self.save_figures:
             images = [plain(x).detach().float().cpu()[None] for x in (fixed, moving, pred["warped_image"])]
-            registration_figure(*images, ddf, self.output_dir / "figures" / f"{name}.png", title=name)
+            path = self.output_dir / "figures" / f"{name}.png"
+            registration_figure(*images, ddf, path, title=name, fixed_label=fl, warped_label=warp_labels(ml, ddf))
         row = {"pair": name}
         tre = keypoint_tre(ddf, refs) if self.keypoints else None
         row.update(pair_metrics(ddf, fl, ml, self.labels, spacing, tre, self.jacobian_border))
@@ -192,6 +220,7 @@ class RegistrationWriter:
         return sorted((r for share in shares for r in share), key=lambda r: str(r.get("pair", "")))
 
     def write_table(self, engine=None) -> dict:
+        self.checked = False  # a later run checks again
         rows = self.gather_rows()
         if rows is None:  # not rank 0: rank 0 writes the merged table
             return {}

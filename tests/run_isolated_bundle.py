@@ -14,8 +14,15 @@ args = json.loads(sys.argv[1])
 repo = args.pop("repo")
 sys.meta_path = [f for f in sys.meta_path if "editable" not in (repr(f) + type(f).__module__).lower()]
 repo = os.path.realpath(repo)
-sys.path = [  # a venv beside the clone (/x/repo-venv) shares the prefix "/x/repo" but is not inside it
-    p for p in sys.path if "__editable__" not in p and os.path.commonpath([os.path.realpath(p or "."), repo]) != repo
+env = os.path.realpath(sys.prefix)  # the running environment: a venv at <clone>/.venv lies inside the repository
+
+
+def inside(path: str, root: str) -> bool:
+    return os.path.commonpath([os.path.realpath(path or "."), root]) == root
+
+
+sys.path = [  # hide the repository (not a venv beside it, /x/repo-venv, nor one inside it, /x/repo/.venv)
+    p for p in sys.path if "__editable__" not in p and (not inside(p, repo) or (env != repo and inside(p, env)))
 ]
 if importlib.util.find_spec("custom") is not None:
     raise SystemExit(f"the repository's custom package is still importable from {importlib.util.find_spec('custom')}")

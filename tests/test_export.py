@@ -44,7 +44,9 @@ def exports(tmp_path_factory):
     ckpt = random_checkpoint("segreg_acdc", out / "weights" / "acdc.pt", **TINY_NET)
     abd = random_checkpoint("segreg_abdomen", out / "weights" / "abdomen.pt")
     return {
-        "segreg_acdc": Path(export_bundle("segreg_acdc", str(out / "release"), checkpoint=str(ckpt))),
+        "segreg_acdc": Path(
+            export_bundle("segreg_acdc", str(out / "release"), checkpoint=str(ckpt), overrides=TINY_NET)
+        ),
         "segreg_abdomen": Path(export_bundle("segreg_abdomen", str(out / "release"), checkpoint=str(abd))),
         "segreg_thorax": Path(export_bundle("segreg_thorax", str(out / "release"))),
     }
@@ -193,3 +195,33 @@ def test_a_trained_bundle_without_weights_is_refused_unless_asked_for(tmp_path):
     assert (out / "configs" / "train.json").is_file() and (out / "custom" / "plan.py").is_file()
     if not (REPO / "bundles" / "segreg_acdc" / "models" / "model_edt_dice.pt").is_file():  # nothing to ship
         assert not any((out / "models").iterdir()) and not (out / "large_files.yml").exists()
+
+
+def test_export_opens_the_checkpoint_and_refuses_what_the_release_could_not_run(tmp_path):
+    """A truncated file, another network's weights (a 2-D backbone; the tiny network without --overrides) or another
+    variant never ship as models/model.pt; nothing is written."""
+    good = random_checkpoint("segreg_acdc", tmp_path / "good.pt", **TINY_NET)
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[:5000])
+    flat = random_checkpoint("segreg_acdc", tmp_path / "flat.pt", **{**TINY_NET, "network_def#spatial_dims": 2})
+    other = torch.load(good, weights_only=False)
+    other["segreg"]["variant"] = "dice"
+    torch.save(other, tmp_path / "dice.pt")
+    cases = [
+        (truncated, TINY_NET, "truncated.pt"),
+        (flat, TINY_NET, "different backbone"),
+        (good, {}, "different backbone"),  # trained with network_def overrides the release would not carry
+        (tmp_path / "dice.pt", TINY_NET, "variant 'dice'"),
+    ]
+    for ckpt, overrides, match in cases:
+        out = tmp_path / f"out_{ckpt.stem}_{len(overrides)}"
+        with pytest.raises(ValueError, match=match):
+            export_bundle("segreg_acdc", str(out), checkpoint=str(ckpt), overrides=overrides)
+        assert not out.exists()
+    cli = subprocess.run(
+        [sys.executable, "-m", "custom", "export", "--bundle", "segreg_acdc", "--out_dir", str(tmp_path / "cli")]
+        + ["--checkpoint", str(truncated)],
+        capture_output=True,
+        text=True,
+    )
+    assert cli.returncode == 2 and "truncated.pt" in cli.stderr and not (tmp_path / "cli").exists()

@@ -218,7 +218,7 @@ def test_writer_checks_the_output_folder_before_work_and_announces_replacing(tmp
     out = tmp_path / "out"
     out.mkdir()
     (out / "metrics.csv").write_text("pair\n")
-    with pytest.raises(InputError, match="exists from an earlier run"):
+    with pytest.raises(FileExistsError, match="exists from an earlier run"):
         RegistrationWriter(str(out), labels=["bg", "a"], overwrite=False).reset()
     with warnings.catch_warnings():
         warnings.simplefilter("error")

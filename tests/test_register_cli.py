@@ -120,3 +120,130 @@ def test_bad_inputs_name_the_file_or_option(tmp_path):
         register(f, f, out_dir=str(blocked / "o"), **FAST)
     with pytest.raises(ValueError, match="not a displacement field"):
         warp(f, f, str(tmp_path / "w.nii.gz"))
+
+
+def test_thick_slice_cine_mr_registers_in_plane_by_default_and_beats_no_registration(tmp_path):
+    """A synthetic cine-MR pair (1.8 x 1.8 x 10 mm, true motion in-plane) with only the label maps, no flags: the
+    through-plane displacement stays 0 and the heart end-point error (mm, against the exact motion) is below no
+    registration; ``--in_plane false`` registers the through-plane axis again."""
+    from custom.synthetic.acdc import make_acdc
+
+    root = make_acdc(str(tmp_path / "acdc"), n_subjects=1, shape=(64, 64, 16), seed=4) / "patient001"
+    info = dict(line.split(": ") for line in (root / "Info.cfg").read_text().splitlines())
+    ed, es = (f"patient001_frame{int(info[k]):02d}" for k in ("ED", "ES"))
+    truth_img = nib.load(root / "patient001_disp_ES_ED.nii.gz")
+    truth, spacing = truth_img.get_fdata(), np.array(truth_img.header.get_zooms()[:3])
+    heart = nib.load(root / f"{es}_gt.nii.gz").get_fdata() > 0
+    files = [str(root / f"{n}.nii.gz") for n in (es, ed)] + [str(root / f"{n}_gt.nii.gz") for n in (es, ed)]
+    out = register(*files, out_dir=str(tmp_path / "auto"), save_warped=False, progress=False)
+    u = nib.load(out["displacement"]).get_fdata()
+    assert np.abs(u[..., 2]).max() == 0
+
+    def epe(field):
+        return float(np.linalg.norm((field - truth) * spacing, axis=-1)[heart].mean())
+
+    none, ours = epe(np.zeros_like(truth)), epe(u)
+    assert ours < 0.6 * none, (ours, none)
+    free = register(*files, out_dir=str(tmp_path / "free"), save_warped=False, progress=False, in_plane="false")
+    assert np.abs(nib.load(free["displacement"]).get_fdata()[..., 2]).max() > 0
+
+
+def nifti(path, array, affine=RAS):
+    nib.save(nib.Nifti1Image(np.asarray(array), affine), str(path))
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "case,message",
+    [
+        ("inf", r"f_bad\.nii\.gz contains 0 NaN and 3 infinite values"),
+        ("nan", r"f_bad\.nii\.gz contains 5 NaN and 0 infinite values \(of 8064\)"),  # counted on the stored values
+        ("2d", r"f_bad\.nii\.gz has shape \(28, 24\), i\.e\. 2 spatial dimensions"),
+        ("4d", r"f_bad\.nii\.gz has shape \(28, 24, 12, 2\), i\.e\. 4 spatial dimensions"),
+        ("spacing", r"f_bad\.nii\.gz has voxel spacing \[1800\.0, 2\.0, 2\.0\] mm"),
+        ("label", r"fl_bad\.nii\.gz has \d+ non-integer values"),
+    ],
+)
+def test_register_refuses_bad_input_naming_the_file_and_writes_nothing(tmp_path, case, message):
+    img, lab = phantom()
+    f, fl = nifti(tmp_path / "f.nii.gz", img), nifti(tmp_path / "fl.nii.gz", lab)
+    bad = img.copy()
+    affine = RAS
+    if case == "inf":
+        bad[0, 0, :3] = np.inf
+    elif case == "nan":
+        bad[1, 2, :5] = np.nan
+    elif case == "2d":
+        bad = bad[..., 0]
+    elif case == "4d":
+        bad = np.stack([bad, bad], -1)
+    elif case == "spacing":
+        affine = np.diag([1800.0, 2.0, 2.0, 1.0])
+    kwargs = dict(fixed_label=fl, moving_label=fl, out_dir=str(tmp_path / "out"), **FAST)
+    if case == "label":
+        kwargs["fixed_label"] = nifti(tmp_path / "fl_bad.nii.gz", lab + 0.4 * (lab == 1))
+        fixed = f
+    else:
+        fixed = nifti(tmp_path / "f_bad.nii.gz", bad, affine)
+    with pytest.raises(ValueError, match=message):
+        register(fixed, f, **kwargs)
+    assert not list((tmp_path / "out").glob("*"))
+
+
+def test_warp_validates_the_image_label_and_displacement_grid(tmp_path):
+    """warp refuses a NaN image, a label map with 1.4-valued voxels, a NaN displacement and a displacement made for
+    another grid; it never writes onto an input."""
+    f, fl, m, ml = shifted_pair(tmp_path, RAS)
+    out = register(f, m, fl, ml, out_dir=str(tmp_path / "o"), save_warped=False, **FAST)
+    disp = out["displacement"]
+    img, lab = phantom()
+    moved = RAS.copy()
+    moved[0, 3] = 9.0
+    cases = {
+        "nan": (nifti(tmp_path / "nan.nii.gz", np.where(img > 0.5, np.nan, img)), "image", r"nan\.nii\.gz contains"),
+        "label": (nifti(tmp_path / "lab.nii.gz", lab * 1.4), "label", r"lab\.nii\.gz has \d+ non-integer values"),
+        "grid": (
+            nifti(tmp_path / "big.nii.gz", np.zeros((56, 48, 24), np.float32), np.eye(4)),
+            "image",
+            r"indexes the moving image it was made for, shape \[28, 24, 12\]",
+        ),
+        "shifted": (nifti(tmp_path / "moved.nii.gz", img, moved), "image", r"moved\.nii\.gz has shape \[28, 24, 12\]"),
+    }
+    for name, (src, kind, message) in cases.items():
+        with pytest.raises(ValueError, match=message):
+            warp(src, disp, str(tmp_path / f"w_{name}.nii.gz"), kind=kind)
+        assert not (tmp_path / f"w_{name}.nii.gz").exists()
+    nan_disp = nib.load(disp)
+    field = nan_disp.get_fdata().astype(np.float32)
+    field[3, 3, 3, 0] = np.nan
+    bad_disp = nifti(tmp_path / "nan_disp.nii.gz", field)
+    with pytest.raises(ValueError, match=r"nan_disp\.nii\.gz contains 1 NaN"):
+        warp(m, bad_disp, str(tmp_path / "w.nii.gz"))
+    with pytest.raises(FileExistsError, match="inputs are never overwritten"):
+        warp(m, disp, m, overwrite=True)
+    # a Learn2Reg displacement without our grid record applies to images on its own grid only
+    plain = nifti(tmp_path / "plain_disp.nii.gz", nib.load(disp).get_fdata().astype(np.float32))
+    assert warp(m, plain, str(tmp_path / "ok.nii.gz")).is_file()
+    with pytest.raises(ValueError, match=r"indexes its own grid"):
+        warp(cases["grid"][0], plain, str(tmp_path / "no.nii.gz"))
+
+
+def test_register_mode_bundle_checks_the_files_the_bundle_writes(tmp_path):
+    """A second ``--mode bundle`` run into the same folder is refused (the bundle's writer names its files
+    differently from the iterative mode); ``--save_warped false`` reaches the bundle's writer."""
+    from bundle_utils import REPO
+
+    from custom.datasets.learn2reg import learn2reg_pairs
+    from custom.synthetic.thorax import make_thorax
+
+    root = make_thorax(str(tmp_path / "thorax"), n_subjects=1, shape=(24, 20, 16), n_keypoints=5, seed=0).parent
+    p = learn2reg_pairs(root / "ThoraxCBCT_dataset.json", "registration_val", "segmentationsTr")[0]
+    files = [p[k] for k in ("fixed_image", "moving_image", "fixed_label", "moving_label")]
+    kw = dict(mode="bundle", bundle=str(REPO / "bundles" / "segreg_thorax"), out_dir=str(tmp_path / "o"))
+    register(*files, save_warped="false", **kw)
+    written = sorted(q.relative_to(tmp_path / "o").as_posix() for q in (tmp_path / "o").rglob("*") if q.is_file())
+    assert any(w.startswith("displacements/") for w in written) and not any(w.startswith("warped/") for w in written)
+    before = {w: (tmp_path / "o" / w).read_bytes() for w in written}
+    with pytest.raises(FileExistsError, match="--overwrite true"):
+        register(*files, **kw)
+    assert {w: (tmp_path / "o" / w).read_bytes() for w in written} == before
