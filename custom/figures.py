@@ -20,22 +20,21 @@ def _slice(t, z: int) -> np.ndarray:
     return torch.as_tensor(t)[0, 0].float().cpu().numpy()[:, :, z]
 
 
-def registration_figure(
-    fixed,
-    moving,
-    warped,
-    ddf,
-    path: str | Path,
-    title: str = "",
-    z: int | None = None,
-    fixed_label=None,
-    warped_label=None,
-) -> Path:
-    """PNG of one slice ``z`` (default: middle) of ``(1, 1, X, Y, Z)`` images and the ``(1, 3, X, Y, Z)`` ddf.
+def registration_figure(fixed, moving, warped, ddf, path: str | Path, title: str = "", **kwargs) -> Path:
+    """PNG of :func:`figure` (same arguments), written atomically."""
+    fig = figure(fixed, moving, warped, ddf, title, **kwargs)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=90, format="png")
+    plt.close(fig)
+    return Path(path)
+
+
+def figure(fixed, moving, warped, ddf, title: str = "", z: int | None = None, fixed_label=None, warped_label=None):
+    """One slice ``z`` (default: middle) of ``(1, 1, X, Y, Z)`` images and the ``(1, 3, X, Y, Z)`` ddf.
 
     With ``fixed_label`` and ``warped_label`` (``(1, 1, X, Y, Z)``: the fixed label map and the moving one warped onto
     the fixed grid) a panel shows both sets of contours on the fixed image: where they part, the registration missed.
-    The title sits above the panels, never on one.
+    The title sits above the panels, never on one. Returns the matplotlib figure.
     """
     f = torch.as_tensor(fixed)[0, 0].float().cpu().numpy()
     u = torch.as_tensor(ddf).float().cpu()
@@ -77,7 +76,4 @@ def registration_figure(
         a.set_yticks([])
     fig.suptitle(title)
     fig.tight_layout(rect=(0, 0, 1, 0.92))  # room for the title above the panels' own titles
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=90, format="png")
-    plt.close(fig)
-    return Path(path)
+    return fig

@@ -175,6 +175,23 @@ def check_fixed(fixed: str | None, affine, shape, path) -> None:
         )
 
 
+def open_field(disp, out, fixed, moving, to: str, overwrite, verb: str) -> tuple[str, np.ndarray, np.ndarray, dict]:
+    """The checks ``convert`` and ``invert`` share, before any work: a known ``--to``, ``out`` not an input and not an
+    existing file (unless ``overwrite``), then the field read (:func:`read_field`), finite, on ``--fixed``'s grid."""
+    from custom.flags import as_bool
+    from custom.io import check_not_input, check_overwrite
+    from custom.validation import check_finite
+
+    if to not in FORMS:
+        raise InputError(f"--to must be one of {list(FORMS)}, got {to!r}")
+    check_not_input(out, [disp, fixed, moving])
+    check_overwrite([out], as_bool(overwrite, "overwrite"), verb)
+    form, arr, affine, record = read_field(disp)
+    check_finite(arr, str(disp))
+    check_fixed(fixed, affine, arr.shape[:3], disp)
+    return form, arr, affine, record
+
+
 def convert(
     disp: str,
     out: str,
@@ -195,18 +212,7 @@ def convert(
         to: "itk" (also 3D Slicer), "ants" (NIfTI warp for ``antsApplyTransforms``) or "learn2reg".
         overwrite: replace an existing ``out`` (true/false).
     """
-    from custom.flags import as_bool
-    from custom.io import check_not_input, check_overwrite
-
-    if to not in FORMS:
-        raise InputError(f"--to must be one of {list(FORMS)}, got {to!r}")
-    check_not_input(out, [disp, fixed, moving])
-    check_overwrite([out], as_bool(overwrite, "overwrite"), "convert")
-    form, arr, affine, record = read_field(disp)
-    from custom.validation import check_finite
-
-    check_finite(arr, str(disp))
-    check_fixed(fixed, affine, arr.shape[:3], disp)
+    form, arr, affine, record = open_field(disp, out, fixed, moving, to, overwrite, "convert")
     if form == "learn2reg":
         moving_affine, _ = moving_grid(record, moving, disp)
         if to == "learn2reg":
@@ -252,24 +258,15 @@ def invert(
     """
     import torch
 
-    from custom.flags import as_bool
     from custom.inverse import format_report, invert_displacement
-    from custom.io import check_not_input, check_overwrite
-    from custom.validation import check_finite
 
-    if to not in FORMS:
-        raise InputError(f"--to must be one of {list(FORMS)}, got {to!r}")
     if to == "learn2reg" and suffix(out) not in NIFTI:
         raise InputError(f"the Learn2Reg form is a NIfTI file: give {out} a .nii.gz name")
-    check_not_input(out, [disp, fixed, moving])
-    check_overwrite([out], as_bool(overwrite, "overwrite"), "invert")
-    form, arr, affine, record = read_field(disp)
+    form, arr, affine, record = open_field(disp, out, fixed, moving, to, overwrite, "invert")
     if form != "learn2reg":
         raise InputError(
             f"{disp} is a world-space field; invert its Learn2Reg form (python -m custom convert --to learn2reg)"
         )
-    check_finite(arr, str(disp))
-    check_fixed(fixed, affine, arr.shape[:3], disp)
     moving_affine, moving_shape = moving_grid(record, moving, disp)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     u = torch.as_tensor(np.moveaxis(arr, -1, 0).astype(np.float32), device=dev)

@@ -51,31 +51,63 @@ def world_displacement(disp: torch.Tensor, fixed_affine, moving_affine) -> torch
     return (moved - (lf @ idx + tf[:, None])).reshape((3,) + tuple(shape)).float()
 
 
+def fixed_voxel_displacement(disp: torch.Tensor, fixed_affine, moving_affine) -> torch.Tensor:
+    """``E = A_f^{-1} D`` ``(3, *S_f)``: the world displacement in fixed-voxel units (``x + E(x)`` is where fixed voxel
+    ``x`` goes, as a fixed-grid voxel coordinate), float32 on ``disp``'s device."""
+    lf, _ = _lin(fixed_affine, disp.device)
+    D = world_displacement(disp, fixed_affine, moving_affine)
+    return (torch.linalg.inv(lf).float() @ D.reshape(3, -1)).reshape(D.shape)
+
+
 def invert_points(
     disp: torch.Tensor,
     fixed_affine,
     moving_affine,
     points: torch.Tensor,
     iterations: int = 50,
-    tolerance: float = 1e-3,
-    world: torch.Tensor | None = None,
+    tolerance: float = 1e-2,
+    field: torch.Tensor | None = None,
+    check_every: int = 5,
+    settled: float = 5e-3,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fixed voxel coordinates ``(N, 3)`` of moving voxel coordinates ``points`` ``(N, 3)`` under the inverse of
-    ``disp``, and the residual ``|T(p) - q|`` (mm) of each. ``world``: :func:`world_displacement` if already known."""
-    D = world_displacement(disp, fixed_affine, moving_affine) if world is None else world
+    ``disp``, and the residual ``|T(p) - q|`` (mm) of each.
+
+    The iteration runs in fixed-voxel units, ``x <- x_q - E(x)`` (:func:`fixed_voxel_displacement`; ``field`` if
+    already computed), one linear sample per step, and stops when fewer than ``settled`` of the points still move by
+    more than ``tolerance`` (mm), or when that share no longer falls (by a tenth between two checks): the points left
+    lie in folds or in the gaps sliding opens, which have no preimage to settle on, and their residual says so.
+    Checked every ``check_every`` steps (one device sync per check).
+    """
+    E = fixed_voxel_displacement(disp, fixed_affine, moving_affine) if field is None else field
     lf, tf = _lin(fixed_affine, disp.device)
     lm, tm = _lin(moving_affine, disp.device)
-    lf_inv = torch.linalg.inv(lf)
-    q = points.to(disp.device).double() @ lm.T + tm
-    p = q.clone()
-    for _ in range(int(iterations)):
-        step = q - _sample(D, (p - tf) @ lf_inv.T)
-        done = (step - p).norm(dim=1).max() < tolerance
-        p = step
-        if done:
-            break
-    residual = (p + _sample(D, (p - tf) @ lf_inv.T) - q).norm(dim=1)
-    return (p - tf) @ lf_inv.T, residual
+    to_fixed = torch.linalg.inv(lf)
+    x_q = ((points.to(disp.device).double() @ lm.T + tm - tf) @ to_fixed.T).float()  # q in fixed voxels
+    shape = torch.tensor(E.shape[1:], device=E.device, dtype=torch.float32)
+    scale = 2 / (shape - 1).clamp(min=1)
+    # normalised grid_sample coordinates (x, y, z reversed) of the field's voxels: n = x * scale - 1
+    E_norm = (E * scale.view(3, 1, 1, 1)).flip(0)[None]
+    n_q = (x_q * scale - 1).flip(1).view(1, -1, 1, 1, 3)
+    n = n_q.clone()
+    voxel_mm = float(lf.norm(dim=0).max())
+    unsettled = 1.0
+    for k in range(int(iterations)):
+        step = n_q - F.grid_sample(E_norm, n, mode="bilinear", padding_mode="border", align_corners=True).permute(
+            0, 2, 3, 4, 1
+        )
+        if (k + 1) % check_every == 0 or k + 1 == int(iterations):
+            moved = ((step - n).flip(-1).view(-1, 3) / scale).abs().amax(1) * voxel_mm
+            n = step
+            share = float((moved > tolerance).float().mean())
+            if share < settled or share > 0.9 * unsettled:
+                break
+            unsettled = share
+        else:
+            n = step
+    x = ((n.view(-1, 3).flip(1) + 1) / scale).double()
+    residual = ((x + _sample(E, x) - x_q.double()) @ lf.T).norm(dim=1)
+    return x, residual
 
 
 def invert_displacement(
@@ -84,7 +116,7 @@ def invert_displacement(
     moving_affine,
     moving_shape: Sequence[int],
     iterations: int = 50,
-    tolerance: float = 1e-3,
+    tolerance: float = 1e-2,
     chunk: int = 2**21,
 ) -> tuple[torch.Tensor, dict]:
     """Inverse of a Learn2Reg displacement, in the Learn2Reg form of the reversed pair, and a report.
@@ -93,7 +125,8 @@ def invert_displacement(
         disp: ``(3, *S_f)`` voxels (Learn2Reg form on the fixed grid), on the device to compute on.
         fixed_affine, moving_affine: the two files' 4x4 affines (mm).
         moving_shape: the moving grid, on which the inverse is returned.
-        iterations: most fixed-point steps; tolerance: stop when no point moved more than this (mm).
+        iterations: most fixed-point steps; tolerance: a point has settled when it moves less than this (mm) per
+            step (see :func:`invert_points`).
         chunk: points processed at once (bounds memory).
 
     Returns:
@@ -101,7 +134,7 @@ def invert_displacement(
         error and where the inverse does not exist.
     """
     disp = disp.float()
-    D = world_displacement(disp, fixed_affine, moving_affine)
+    E = fixed_voxel_displacement(disp, fixed_affine, moving_affine)
     shape = tuple(int(n) for n in moving_shape)
     n = int(np.prod(shape))
     inv = torch.empty((3, n), dtype=torch.float32, device=disp.device)
@@ -109,7 +142,7 @@ def invert_displacement(
     for start in range(0, n, chunk):
         flat = torch.arange(start, min(start + chunk, n), device=disp.device)
         y = torch.stack(torch.unravel_index(flat, shape), 1).double()
-        x, r = invert_points(disp, fixed_affine, moving_affine, y, iterations, tolerance, world=D)
+        x, r = invert_points(disp, fixed_affine, moving_affine, y, iterations, tolerance, field=E)
         inv[:, start : start + len(flat)] = (x - y).T.float()
         residual[start : start + len(flat)] = r
     inv = inv.view((3,) + shape)

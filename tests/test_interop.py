@@ -9,6 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from conftest import requires_cuda
 from scipy.ndimage import gaussian_filter, map_coordinates
 
 from custom.interop import LPS, convert, invert, read_field
@@ -161,6 +162,17 @@ def test_the_inverse_of_an_analytic_field_is_exact_and_consistent(tmp_path):
     back = np.stack([map_coordinates(inv[..., i], y[inside].T, order=1) for i in range(3)], 1)
     assert np.abs(u[inside] + back).max() < 0.1
     assert report["ic_p95_mm"] < 0.01 and report["folded_percent"] == 0
+
+
+@requires_cuda
+def test_the_inverse_on_cuda_equals_the_cpu_one(tmp_path):
+    fa, fs, u, _ = analytic_pair(tmp_path)
+    t = torch.as_tensor(np.moveaxis(u, -1, 0), dtype=torch.float32)
+    cpu, rep_cpu = invert_displacement(t, fa, fa, fs)
+    gpu, rep_gpu = invert_displacement(t.cuda(), fa, fa, fs)
+    assert gpu.is_cuda
+    torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-4, rtol=0)
+    assert abs(rep_gpu["ic_p95_mm"] - rep_cpu["ic_p95_mm"]) < 1e-3
 
 
 @pytest.mark.parametrize("name", ["ras", "anisotropic"])

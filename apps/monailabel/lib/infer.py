@@ -217,7 +217,7 @@ class SegRegInferTask(BasicInferTask):
         if data["result"] == "ddf":
             shutil.copyfile(disp, out)
             return out
-        warp(data["moving_label"], str(disp), out, kind="label")
+        warp(data["moving_label"], str(disp), out, kind="label", overwrite=True)  # mkstemp made the file
         if self.merge_map:  # the bundle reads source ids (e.g. TotalSegmentator) and registers merged regions
             from custom.regions import load_merge_map, merge_labels
 
