@@ -166,6 +166,12 @@ def demo(
     return {m: {k: v["mean"] for k, v in s.items()} for m, s in summaries.items()}
 
 
+def _written(result):
+    """What the command line shows of a verb's return value: the file it wrote (``warp``, ``convert``); the other verbs
+    print their own summary, so their return values (for Python callers) are not dumped again."""
+    return f"written: {result}" if isinstance(result, Path) else None
+
+
 def main() -> None:
     from custom.export import export_bundle
     from custom.interop import convert, invert
@@ -174,7 +180,7 @@ def main() -> None:
     verbs = {"make-data": make_data, "demo": demo, "register": register, "warp": warp, "convert": convert}
     verbs.update({"invert": invert, "export": export_bundle})
     try:
-        fire.Fire(verbs)
+        fire.Fire(verbs, serialize=_written)
     except (InputError, FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -271,10 +271,10 @@ def invert(
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     u = torch.as_tensor(np.moveaxis(arr, -1, 0).astype(np.float32), device=dev)
     inv, report = invert_displacement(u, affine, moving_affine, moving_shape, iterations=int(iterations))
-    print(format_report(report))
     v = inv.cpu().numpy()
     if to == "learn2reg":
         save_displacement(v, out, moving_affine, affine, arr.shape[:3])
     else:
         save_world_field(learn2reg_to_world(np.moveaxis(v, 0, -1), moving_affine, affine), out, moving_affine, to)
+    print(f"{format_report(report)}\ninverse: {out}")
     return {"inverse": str(out), **report}

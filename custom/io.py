@@ -129,7 +129,9 @@ def load_nifti(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
         img = nib.load(str(path))
         return np.asarray(img.dataobj), img.affine
     except Exception as e:  # nibabel raises several types
-        raise ValueError(
+        from custom.validation import InputError
+
+        raise InputError(
             f"cannot read NIfTI file {path}: {e}. Check that it exists and is a valid .nii/.nii.gz."
         ) from e
 
