@@ -386,10 +386,6 @@ def register_with_bundle(
     return {"output_dir": str(out_dir)}
 
 
-def load_affine(path) -> np.ndarray:
-    return load_nifti(_require(path, "image"))[1]
-
-
 def _ints(values, name: str) -> tuple[int, ...]:
     try:
         values = [values] if isinstance(values, (int, str)) else list(values)

@@ -24,7 +24,7 @@ from custom.io import (
 )
 from custom.metrics import warp_labels
 from custom.utils import plain
-from custom.validation import check_output_dir
+from custom.validation import InputError, check_output_dir
 
 logger = logging.getLogger(__name__)
 
@@ -214,10 +214,19 @@ class RegistrationWriter:
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return self.rows
         shares = [None] * dist.get_world_size()
-        dist.all_gather_object(shares, self.rows)
+        dist.all_gather_object(shares, self.rows)  # every rank has written its pairs' files by now
         if dist.get_rank() != 0:
             return None
-        return sorted((r for share in shares for r in share), key=lambda r: str(r.get("pair", "")))
+        rows = sorted((r for share in shares for r in share), key=lambda r: str(r.get("pair", "")))
+        folder = self.output_dir / ("submission" if self.naming == "learn2reg" else "displacements")
+        missing = [r["pair"] for r in rows if not (folder / f"{r['pair']}.nii.gz").is_file()]
+        if missing:
+            raise InputError(
+                f"{len(missing)} of {len(rows)} displacements are not in {folder} (e.g. {missing[0]}): the other ranks "
+                "wrote them on their own machines. Under torchrun on several nodes, --output_dir must be a folder "
+                "every node shares (a network file system)."
+            )
+        return rows
 
     def write_table(self, engine=None) -> dict:
         self.checked = False  # a later run checks again

@@ -89,3 +89,25 @@ def test_two_ranks_share_the_evaluation_pairs_and_rank_0_writes_one_merged_table
     pairs = sorted(c["pair"] for c in table["cases"])
     assert len(pairs) == 4 and len(set(pairs)) == 4  # every pair once, from both ranks
     assert sorted(p.name[:-7] for p in (tmp_path / "eval" / "displacements").glob("*.nii.gz")) == pairs
+
+
+def test_two_ranks_share_the_thorax_pairs_and_rank_0_writes_one_table_and_submission(tmp_path):
+    """The training-free bundle under torchrun: each rank registers a share of the pairs and writes its files into
+    the one Learn2Reg submission folder; rank 0 writes one table of all pairs."""
+    from custom.synthetic.thorax import make_thorax
+
+    data = make_thorax(str(tmp_path / "thorax"), n_subjects=2, shape=(32, 24, 24), n_keypoints=5, seed=2).parent
+    cfg = REPO / "bundles" / "segreg_thorax" / "configs"
+    files = "[" + ",".join(f"'{cfg / f}'" for f in ("inference.json", "evaluate.json", "multi_gpu_evaluate.json")) + "]"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+           "monai.bundle", "run", "--config_file", files, "--dist_backend", "gloo", "--dataset_dir", str(data),
+           "--output_dir", str(tmp_path / "eval"), "--num_workers", "0", "--progress", "false",
+           "--level_spacing_mm", "[8.0]", "--iterations", "[3]"]  # fmt: skip
+    log = torchrun(cmd, tmp_path, [tmp_path / "eval"])
+    assert log.count("SupervisedEvaluator - INFO - Epoch[1] Complete") == 2  # both ranks registered pairs
+    table = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    pairs = sorted(c["pair"] for c in table["cases"])
+    spec = json.loads((data / "ThoraxCBCT_dataset.json").read_text())
+    assert len(pairs) == len(spec["registration_val"]) >= 2 and len(set(pairs)) == len(pairs)
+    assert sorted(p.name[:-7] for p in (tmp_path / "eval" / "submission").glob("*.nii.gz")) == pairs
+    assert all("tre_mm" in c for c in table["cases"])
