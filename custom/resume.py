@@ -166,7 +166,15 @@ class LastCheckpoint:
         if self.resume:
             from monai.handlers import CheckpointLoader
 
-            CheckpointLoader(str(self.path), self.save_dict, map_location=engine.state.device)(engine)
+            load = dict(self.save_dict)
+            saved = torch.load(self.path, map_location="cpu", weights_only=False)
+            if "run_state" not in saved:  # written by an earlier version: resume without it, and say so
+                load.pop("run_state")
+                engine.logger.warning(
+                    f"{self.path} holds no best-metric record or random states (an earlier version wrote it): the "
+                    "resumed run may announce a new best model at the saved score and draws other random samples"
+                )
+            CheckpointLoader(str(self.path), load, map_location=engine.state.device)(engine)
             engine.logger.info(f"resumed from {self.path} at epoch {engine.state.epoch} of {engine.state.max_epochs}")
 
     def save(self, engine: Engine) -> None:

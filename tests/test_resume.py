@@ -65,3 +65,16 @@ def test_a_killed_and_resumed_run_keeps_the_best_model_of_an_uninterrupted_one(t
     if best_epoch <= 2:  # the best model came before the kill: the resumed run must not have replaced it
         for k, v in before["model"].items():
             torch.testing.assert_close(v, torch.load(killed / "model_edt_dice.pt", weights_only=False)["model"][k])
+
+
+def test_a_last_checkpoint_of_an_earlier_version_still_resumes(tmp_path):
+    """Checkpoints written before the run state was saved resume with a warning instead of failing."""
+    make_acdc(str(tmp_path / "acdc"), n_subjects=3, n_test=1, shape=(64, 64, 16), seed=3)
+    kw = dict(dataset_dir=str(tmp_path / "acdc"), ckpt_dir=str(tmp_path / "models"), output_dir=str(tmp_path / "o"))
+    run([TRAIN], "train", epochs=2, **{"train#trainer#max_epochs": 1}, **kw, **SMALL)
+    last = tmp_path / "models" / "last_model_edt_dice.pt"
+    old = torch.load(last, weights_only=False)
+    del old["run_state"]
+    torch.save(old, last)
+    run([TRAIN], "train", epochs=2, resume=True, **kw, **SMALL)
+    assert torch.load(last, weights_only=False)["lr_scheduler"]["last_epoch"] == 2  # the second epoch ran
