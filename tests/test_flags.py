@@ -73,8 +73,8 @@ def thick_pair(tmp_path_factory):
 def test_register_save_warped_false_writes_only_the_displacement(pair, tmp_path, word):
     f, fl, m, ml = pair
     assert cli("register", f, m, "--fixed_label", fl, "--moving_label", ml, "--out_dir", tmp_path, *FAST_ARGS,
-               "--progress", "false", "--save_warped", word) == 0  # fmt: skip
-    assert [p.name for p in tmp_path.iterdir()] == ["f__m_disp.nii.gz"]
+               "--progress", "false", "--save_warped", word, "--inverse", word) == 0  # fmt: skip
+    assert [p.name for p in tmp_path.iterdir()] == ["f__m_disp.nii.gz"]  # no warped files, no inverse
 
 
 @pytest.mark.parametrize("word", FALSE)
@@ -94,6 +94,8 @@ def test_register_warp_and_export_overwrite_false_refuse_and_keep_the_files(pair
     assert cli("warp", m, disp, warped) == 0
     kept = warped.read_bytes()
     assert cli("warp", fl, disp, warped, "--kind", "label", "--overwrite", word) == 2 and warped.read_bytes() == kept
+    for verb in ("convert", "invert"):
+        assert cli(verb, disp, warped, "--overwrite", word) == 2 and warped.read_bytes() == kept
     release = tmp_path / "release"
     assert cli("export", "--bundle", "segreg_thorax", "--out_dir", release) == 0
     stamp = (release / "segreg_thorax" / "configs" / "inference.json").stat().st_mtime_ns
