@@ -128,8 +128,8 @@ class RegistrationWriter:
         self.checked = True
 
     def reset(self, engine=None) -> None:
-        """Start of a run: :meth:`check_outputs` unless ``initialize`` did (under torchrun another rank may already be
-        writing its pairs), and an empty table."""
+        """Start of a run: :meth:`check_outputs` unless the config's ``run`` already did (under torchrun another rank
+        may be writing its pairs by now), and an empty table."""
         self.rows = []
         if self.checked:  # by the config before the run: only make the folder (another rank may be writing there)
             check_output_dir(self.output_dir)
