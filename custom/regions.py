@@ -64,6 +64,16 @@ def load_merge_map(path: str | os.PathLike) -> dict:
     return spec
 
 
+def select_region_set(region_sets: dict, name: str) -> str:
+    """The merge-map file of the region set ``name`` (config id ``region_set``); an unknown name is refused with the
+    choices."""
+    from custom.validation import InputError
+
+    if name not in region_sets:
+        raise InputError(f"unknown region_set {name!r}; choose one of {sorted(region_sets)} (config id 'region_set')")
+    return region_sets[name]
+
+
 def merge_labels(label, mapping: dict[int, int], unknown: str = "warn", name: str | None = None):
     """Map label ids through ``mapping`` (source id -> region id); ids not in the map become 0 (background).
 

@@ -1,5 +1,6 @@
 import json
 import warnings
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -8,6 +9,7 @@ import torch
 from bundle_utils import configs, error_text, run, validate_metadata, workflow
 from scipy.ndimage import map_coordinates
 
+import custom
 from custom.datasets.learn2reg import read_keypoints
 from custom.regions import load_merge_map
 from custom.synthetic.thorax import TOTALSEG_IDS, make_thorax
@@ -49,6 +51,52 @@ def test_merge_map_covers_the_totalsegmentator_thorax_classes():
         assert i in spec["map"], name
     assert spec["map"][TOTALSEG_IDS["lung_lower_lobe_left"]] == 3 and spec["map"][TOTALSEG_IDS["rib_right_7"]] == 4
     assert spec["map"][TOTALSEG_IDS["clavicula_left"]] == 10 and spec["map"][TOTALSEG_IDS["heart"]] == 12
+
+
+EXTENDED = CFG / "totalsegmentator_to_segreg_extended.json"
+TOTAL_V2 = json.loads((Path(custom.__file__).parent / "totalsegmentator_total_v2_classes.json").read_text())["classes"]
+
+
+@pytest.mark.parametrize("merge", [MERGE, EXTENDED], ids=["seed13", "extended"])
+def test_merge_maps_use_the_totalsegmentator_v2_ids(merge):
+    """Every source id of a shipped merge map is a TotalSegmentator v2 'total' class under the name the map gives it."""
+    spec = json.loads(merge.read_text())
+    assert len(TOTAL_V2) == 117 and set(spec["map"]) == set(spec["source_names"])
+    for i, name in spec["source_names"].items():
+        assert TOTAL_V2[name] == int(i), (merge.name, i, name)
+    for name, i in TOTALSEG_IDS.items():  # the generator's classes keep the ids of the full list
+        assert TOTAL_V2[name] == i
+
+
+def test_the_extended_set_gives_the_upper_abdomen_its_own_regions():
+    seed, ext = load_merge_map(MERGE), load_merge_map(EXTENDED)
+    assert {i: ext["regions"][i] for i in seed["regions"]} == seed["regions"]  # the 13 regions keep their ids
+    assert all(ext["map"][k] == v for k, v in seed["map"].items())  # and their classes
+    organs = {"liver": "liver", "gallbladder": "liver", "stomach": "stomach", "spleen": "spleen"}
+    organs.update(kidney_right="kidney_right", kidney_left="kidney_left", pancreas="pancreas_duodenum")
+    for cls, region in organs.items():
+        assert ext["regions"][ext["map"][TOTAL_V2[cls]]] == region, cls
+    assert len(set(ext["regions"].values())) == len(ext["regions"]) == 20
+
+
+def test_region_set_is_a_config_choice_and_labels_follow_it(thorax, tmp_path):
+    labels = {}
+    for name, n in (("seed13", 13), ("extended", 20)):
+        wf = workflow([INFER, EVAL], "infer", dataset_dir=str(thorax), output_dir=str(tmp_path / name), region_set=name)
+        labels[name] = wf.parser.get_parsed_content("labels")
+        assert len(labels[name]) == n and wf.parser.get_parsed_content("writer").labels[13 % n] == labels[name][13 % n]
+    assert labels["extended"][13] == "liver"
+    meta = validate_metadata("segreg_thorax")  # the default set is the one metadata.json names for the Zoo
+    assert {int(k): v for k, v in meta["labels"].items()} == labels["seed13"]
+    with pytest.raises(Exception) as err:
+        workflow([INFER], "infer", dataset_dir=str(thorax), region_set="organs").parser.get_parsed_content("merge_map")
+    assert "unknown region_set 'organs'" in error_text(err.value) and "extended" in error_text(err.value)
+    label = torch.zeros(1, 6, 6, 6)
+    label[0, 4:, 4:, 4:] = TOTAL_V2["liver"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # liver is a known class of the extended set: no unknown-label warning
+        out = MergeLabelsd(["fixed_label"], str(EXTENDED))({"fixed_label": label})["fixed_label"]
+    assert set(torch.unique(out).tolist()) == {0, 13}
 
 
 def test_unknown_labels_are_reported_with_the_file_name():
