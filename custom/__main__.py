@@ -22,6 +22,7 @@ def make_data(
     n_subjects: int | None = None,
     seed: int = 0,
     shape: tuple | None = None,
+    realism: str = "simple",
 ) -> dict:
     """Generate synthetic data in the published layouts.
 
@@ -31,6 +32,9 @@ def make_data(
         n_subjects: subjects per set (defaults: ACDC 6 in training/ plus 2 in testing/, abdomen 8, thorax 3).
         seed: random seed.
         shape: volume shape (defaults: ACDC 128x128x16, abdomen 64x56x80, thorax 80x64x64).
+        realism: thorax only: "simple" (the set the tables so far were measured on) or "cbct" (the upper abdomen
+            under the diaphragm, lung density that follows inflation, cone-beam artefacts; see
+            ``custom.synthetic.cbct``).
     """
     from custom.synthetic.abdomen import make_abdomen
     from custom.synthetic.acdc import make_acdc
@@ -46,9 +50,15 @@ def make_data(
     if shape is not None:
         shape = shape_arg(shape)
     seed = positive_int(seed, "seed", minimum=0)
+    if realism not in ("simple", "cbct"):
+        raise InputError(f"--realism must be simple or cbct, got {realism!r}")
+    if realism != "simple" and "thorax" not in chosen:
+        raise InputError("--realism cbct applies to --dataset thorax only")
     out = {}
     for name in chosen:
         kwargs = {"seed": seed, "n_test": 2} if name == "acdc" else {"seed": seed}
+        if name == "thorax":
+            kwargs["realism"] = realism
         if n_subjects is not None:
             kwargs["n_subjects"] = int(n_subjects)
         if shape is not None:

@@ -182,3 +182,38 @@ def test_abdomen_pair_truth_is_exact_inside_the_organs(tmp_path):
     stored = np.moveaxis(load_nifti(js.parent / "gtdisp" / f"AbdomenCTCT_{k:04d}_template.nii.gz")[0], -1, 0)
     regenerated = compose_sliding(template((64, 56, 80))[0], *subject_motion((64, 56, 80), 4, k), PRIORITY)
     np.testing.assert_allclose(regenerated, stored, atol=1e-5)
+
+
+def test_cbct_thorax_adds_the_upper_abdomen_artefacts_and_keeps_the_truth_exact(tmp_path):
+    from custom.synthetic.cbct import ORGANS
+
+    js = make_thorax(str(tmp_path), n_subjects=1, shape=(48, 40, 40), n_keypoints=20, realism="cbct")
+    r = learn2reg_pairs(js, split="registration_val", label_dir="segmentationsTr")[0]
+    fl, ml = nii(r["fixed_label"]), nii(r["moving_label"])
+    organs = {tid for tid, *_ in ORGANS.values()}
+    assert organs <= {int(v) for v in np.unique(ml.numpy())}  # liver, stomach, spleen, kidneys in the FBCT
+    disp = nii(tmp_path / "gtdisp" / learn2reg_disp_name(r["fixed_image"], r["moving_image"]))
+    ids = [int(v) for v in np.unique(fl.numpy()) if v]
+    assert torch.nanmean(dice_per_label(warp_label(ml, disp)[None], fl[None], ids)) > 99  # exact motion
+    # the organs under the diaphragm move cranio-caudally with it (z component), the chest wall hardly
+    liver = fl.numpy() == ORGANS["liver"][0]
+    ribs = np.isin(fl.numpy(), [v for v in ids if 92 <= v <= 115])
+    assert abs(disp[..., 2].numpy()[liver].mean()) > 0.5 and abs(disp[..., 2].numpy()[ribs].mean()) < 0.2
+    fixed, moving = nii(r["fixed_image"]).numpy(), nii(r["moving_image"]).numpy()
+    body = moving > -500
+    outside = fixed == -1000
+    assert (body & outside).sum() > 0.05 * body.sum()  # the field of view truncates the body
+
+
+def test_lung_density_follows_the_volume_change():
+    """Mass conservation: a fixed-grid region that maps to 1.2**3 times its volume holds that much more lung."""
+    from custom.synthetic.cbct import render_state
+
+    shape = (24, 24, 24)
+    label = np.full(shape, 11, np.int16)  # lung_lower_lobe_left everywhere
+    fbct = np.full(shape, -850.0, np.float32)
+    g = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float32) for n in shape], indexing="ij"))
+    ddf = 0.2 * (g - 11.5)  # x -> 1.2 x about the centre: det J = 1.728
+    img = render_state(label, fbct, ddf)
+    inner = (slice(4, -4),) * 3
+    np.testing.assert_allclose(img[inner], (-850.0 + 1000.0) * 1.728 - 1000.0, atol=1e-2)

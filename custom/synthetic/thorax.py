@@ -5,6 +5,12 @@ breathing states: other intensity mapping, more noise, smaller field of view), k
 (``keypoints01Tr``/``keypoints02Tr``, CSV, voxel coordinates), TotalSegmentator-style label maps
 (``segmentationsTr/``, class ids of TotalSegmentator v2 "total"), ``gtdisp/disp_XXXX_000k_XXXX_0000.nii.gz``
 (exact CBCT -> FBCT displacement) and ``ThoraxCBCT_dataset.json`` shaped like the published one.
+
+``realism="cbct"`` adds what real ThoraxCBCT pairs have and the simple set lacks (:mod:`custom.synthetic.cbct`): the
+upper abdomen under the diaphragm (liver dome, stomach with its gas bubble, spleen, upper kidneys; TotalSegmentator
+ids), moving with the diaphragm and sliding along the chest wall; lung density that follows inflation (mass
+conservation); and the artefacts of cone-beam imaging (cupping, view-aliasing streaks, breathing blur, spatially
+correlated noise, a field of view that truncates the body).
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ from custom.io import atomic_path, save_displacement, save_json, save_nifti, spa
 from custom.synthetic.motion import compose_sliding, ellipsoid, identity_grid, sample, smooth_noise
 
 TOTALSEG_IDS = json.loads((Path(__file__).parent / "totalsegmentator_total_v2.json").read_text())["classes"]
+# the upper-abdominal classes of TotalSegmentator v2 'total' that realism="cbct" adds (custom.synthetic.cbct)
+ABDOMEN_IDS = {"spleen": 1, "kidney_right": 2, "kidney_left": 3, "liver": 5, "stomach": 6}
 LUNG = (
     "lung_upper_lobe_left",
     "lung_lower_lobe_left",
@@ -136,9 +144,18 @@ def make_thorax(
     seed: int = 0,
     n_keypoints: int = 100,
     n_val: int = 1,
+    realism: str = "simple",
 ) -> Path:
-    """Generate the synthetic ThoraxCBCT set; returns the dataset JSON path."""
+    """Generate the synthetic ThoraxCBCT set; returns the dataset JSON path.
+
+    ``realism``: "simple" (the set every table so far was measured on) or "cbct" (upper abdomen, lung density,
+    cone-beam artefacts: see the module docstring; its random draws come from a second stream, so "simple" sets stay
+    the same).
+    """
+    if realism not in ("simple", "cbct"):
+        raise ValueError(f"realism must be 'simple' or 'cbct', got {realism!r}")
     rng = np.random.default_rng(seed)
+    extra = np.random.default_rng([seed, 1]) if realism == "cbct" else None
     root = Path(out_dir)
     affine = spacing_affine(spacing)
     shape = tuple(int(s) for s in shape)
@@ -147,6 +164,10 @@ def make_thorax(
     for k in tqdm(range(n_subjects), desc="synthetic ThoraxCBCT", leave=False):
         sid = f"{k:04d}"
         label, fbct, body = thorax_anatomy(shape, rng)
+        if extra is not None:
+            from custom.synthetic.cbct import add_upper_abdomen
+
+            label, fbct = add_upper_abdomen(label, fbct, body, extra)
         stem = f"ThoraxCBCT_{sid}"
         save_nifti(
             fbct + rng.normal(0, 10, shape).astype(np.float32), root / "imagesTr" / f"{stem}_0000.nii.gz", affine
@@ -159,11 +180,17 @@ def make_thorax(
             shift = rng.uniform(-1, 1, 3) * (t - 1)  # set-up change at the end of therapy
             fields, wall = breathing_fields(shape, ids, rng, amp, shift)
             order = [ids[n] for n in LUNG] + [ids["heart"], ids["pulmonary_vein"], ids["inferior_vena_cava"]]
-            ddf = compose_sliding(label, fields, wall, order)
-            cb_label = sample(label, ddf, order=0).astype(np.uint8)
-            cb = sample(fbct, ddf, order=1)
-            fov = ellipsoid(shape, np.array(shape) / 2, np.array(shape) * np.array([0.40, 0.40, 0.42]))
-            cb = np.where(fov, 0.85 * cb + 60 + rng.normal(0, 40, shape), -1000.0).astype(np.float32)
+            if extra is None:
+                ddf = compose_sliding(label, fields, wall, order)
+                cb_label = sample(label, ddf, order=0).astype(np.uint8)
+                cb = sample(fbct, ddf, order=1)
+                fov = ellipsoid(shape, np.array(shape) / 2, np.array(shape) * np.array([0.40, 0.40, 0.42]))
+                cb = np.where(fov, 0.85 * cb + 60 + rng.normal(0, 40, shape), -1000.0).astype(np.float32)
+            else:
+                from custom.synthetic.cbct import cone_beam_pair
+
+                rng.normal(0, 40, shape)  # the simple set's noise draw, kept so the two sets share every other draw
+                ddf, cb_label, cb, fov = cone_beam_pair(label, fbct, fields, wall, order, amp, extra)
             name = f"{stem}_000{t}.nii.gz"
             save_nifti(cb, root / "imagesTr" / name, affine)
             save_nifti(cb_label, root / "segmentationsTr" / name, affine, dtype=np.uint8)
