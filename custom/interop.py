@@ -43,11 +43,14 @@ def suffix(path: str | os.PathLike) -> str:
 def learn2reg_to_world(u: np.ndarray, fixed_affine, moving_affine) -> np.ndarray:
     """``(X, Y, Z, 3)`` Learn2Reg voxels -> ``(X, Y, Z, 3)`` physical displacement in mm, LPS (fixed point -> moving
     point)."""
-    fa, ma = np.asarray(fixed_affine, float), np.asarray(moving_affine, float)
-    idx = np.stack(np.meshgrid(*[np.arange(n, dtype=float) for n in u.shape[:3]], indexing="ij"), -1)
-    moved = (idx + u) @ ma[:3, :3].T + ma[:3, 3]
-    here = idx @ fa[:3, :3].T + fa[:3, 3]
-    return ((moved - here) @ LPS.T).astype(np.float64)
+    import torch
+
+    from custom.inverse import world_displacement
+
+    ras = world_displacement(
+        torch.as_tensor(np.moveaxis(np.asarray(u, np.float32), -1, 0)), fixed_affine, moving_affine
+    )
+    return np.moveaxis(ras.numpy(), 0, -1).astype(np.float64) @ LPS.T
 
 
 def world_to_learn2reg(d: np.ndarray, fixed_affine, moving_affine) -> np.ndarray:

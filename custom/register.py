@@ -290,8 +290,8 @@ def register(
     extras = extra_names(fixed, moving, names["disp"], transform, inverse)
     planned = [names["disp"]] + ([names["image"]] + ([names["label"]] if moving_label else []) if save_warped else [])
     planned += list(extras.values())
-    for path in (fixed, moving, fixed_label, moving_label):
-        check_not_input_of(planned, path)
+    for out in planned:
+        check_not_input(out, [fixed, moving, fixed_label, moving_label])
     check_overwrite(planned, overwrite, f"register --mode {mode}")
     res = iterative_registration(
         fixed,
@@ -322,12 +322,6 @@ def register(
     for k, v in written.items():
         print(f"{k}: {v}")
     return written
-
-
-def check_not_input_of(outputs, path) -> None:
-    """Refuse when one of the planned ``outputs`` is the input file ``path`` (inputs are never overwritten)."""
-    for out in outputs:
-        check_not_input(out, [path])
 
 
 def register_with_bundle(
