@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from synthetic_sets import REPO, ground_truth_labels, register_with_labels, synthetic_set
 
-from custom.inverse import invert_displacement, inverse_report
+from custom.inverse import inverse_report, invert_displacement
 from custom.io import save_text
 
 

@@ -51,9 +51,10 @@ def convexadam(fixed, moving, spacing, fixed_mask=None, moving_mask=None, grid_s
     return np.ascontiguousarray(np.moveaxis(np.asarray(disp, np.float32), -1, 0))
 
 
-def ants_syn(fixed, moving, spacing, fixed_mask=None, moving_mask=None, threads: int = 1):
-    """ANTs SyN (``SyNOnly``, antspyx defaults otherwise: mutual information, iterations (40, 20, 0)) on ``threads``
-    ITK threads (read when ``ants`` is first imported in the process)."""
+def ants_syn(fixed, moving, spacing, fixed_mask=None, moving_mask=None, threads: int = 1, reg_iterations=None):
+    """ANTs SyN (``SyNOnly``, antspyx defaults otherwise: mutual information, iterations (40, 20, 0), i.e. the last
+    level at half resolution) on ``threads`` ITK threads (read when ``ants`` is first imported in the process);
+    ``reg_iterations`` e.g. ``(100, 70, 50)`` runs every level, the finest at full resolution."""
     import os
 
     os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", str(threads))
@@ -68,6 +69,8 @@ def ants_syn(fixed, moving, spacing, fixed_mask=None, moving_mask=None, threads:
     if moving_mask is not None:
         kwargs["moving_mask"] = image(moving_mask)
     with tempfile.TemporaryDirectory(prefix="segreg_ants_") as tmp:  # ANTs writes its transforms to files
+        if reg_iterations is not None:
+            kwargs["reg_iterations"] = tuple(int(i) for i in reg_iterations)
         reg = ants.registration(
             image(fixed), image(moving), type_of_transform="SyNOnly", outprefix=str(Path(tmp) / "syn_"), **kwargs
         )

@@ -9,7 +9,7 @@ pairs. Each method is the training-free solver with the ``segreg_thorax`` bundle
 (``synthetic_sets.THORAX_SETTINGS``), given the ground-truth TotalSegmentator-style labels merged by the region set's
 map (global: one region). Scores against the exact motion, inside the CBCT field of view: end-point error (mm) over
 the lungs, over liver + stomach + spleen, over the kidneys; TRE over the lung keypoints (mm); % det J <= 0; CPU
-seconds of the registration. A first look for issue 25: the peers (ANTs SyN, ConvexAdam, elastix) are not in it yet.
+seconds of the registration. The same pairs against ANTs SyN, ConvexAdam and elastix: ``thorax_accuracy.py``.
 """
 
 from __future__ import annotations

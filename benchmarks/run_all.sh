@@ -16,6 +16,8 @@ if [ "${1:-}" = "--quick" ]; then LARGE="--skip_large"; fi
 "$PY" benchmarks/number_of_regions.py --out "$OUT"
 "$PY" benchmarks/inverse_consistency.py --md "$OUT/inverse_consistency.md"
 "$PY" benchmarks/region_sets.py --md "$OUT/region_sets.md"
+"$PY" benchmarks/solver_scaling.py --md "$OUT/solver_scaling.md"
+"$PY" benchmarks/thorax_accuracy.py --md "$OUT/thorax_accuracy.md"
 "$PY" benchmarks/cohort_throughput.py --md "$OUT/cohort_throughput.md"
 "$PY" benchmarks/inference_cost.py --md "$OUT/inference_cost.md"
 "$PY" benchmarks/iterative_speed.py --md "$OUT/iterative_speed.md" $LARGE

@@ -38,6 +38,9 @@ CONVENTIONS = {
     "epe_labelled_mm": "the same, averaged over every labelled (non-background) voxel of the fixed ground truth.",
     "epe_border_mm": "the same, in the band of 'border_band' voxels around every border between labels (where "
     "organs slide).",
+    "epe_in_fov_mm": "the same, over the labelled voxels inside the fixed image's field of view (its intensity above "
+    "the writer's 'fov_threshold', e.g. -1000 HU for a cone-beam CT).",
+    "epe_outside_fov_mm": "the same, over the labelled voxels outside it (where the image shows nothing to register).",
     "through_plane_mm": "mean |through-plane displacement| in mm over the foreground where the truth has none "
     "(thick-slice data: the axis whose spacing is over twice the others').",
 }
@@ -153,9 +156,11 @@ def epe_metrics(
     fixed_label: np.ndarray | None = None,
     labels: Mapping[int, str] | None = None,
     band: int = 2,
+    fov: np.ndarray | None = None,
 ) -> dict:
     """End-point error columns (see ``CONVENTIONS``) of ``disp`` against ``truth``, both ``(3, *S)`` in the Learn2Reg
-    sense on the fixed image's original grid; ``moving_affine`` turns voxel differences into mm."""
+    sense on the fixed image's original grid; ``moving_affine`` turns voxel differences into mm; ``fov`` (bool,
+    ``S``): the fixed image's field of view, for ``epe_in_fov_mm`` / ``epe_outside_fov_mm``."""
     if disp.shape != truth.shape:
         raise ValueError(f"displacement {disp.shape} and true displacement {truth.shape} are on different grids")
     lin = np.asarray(moving_affine, dtype=np.float64)[:3, :3]
@@ -170,6 +175,12 @@ def epe_metrics(
         inside = fixed_label == int(k)
         if int(k) != 0 and inside.any():
             row[f"epe_{name}_mm"] = float(err[inside].mean())
+    if fov is not None:
+        if fov.shape != fixed_label.shape:
+            raise ValueError(f"field-of-view mask {fov.shape} and label map {fixed_label.shape} are on different grids")
+        for key, where in (("epe_in_fov_mm", fov), ("epe_outside_fov_mm", ~fov)):
+            inside = where & (fixed_label > 0)
+            row[key] = float(err[inside].mean()) if inside.any() else math.nan
     edge = border_band(fixed_label, band)
     row["epe_border_mm"] = float(err[edge].mean()) if edge.any() else math.nan
     axis = through_plane_axis(np.linalg.norm(lin, axis=0))

@@ -61,6 +61,50 @@ def default_loss() -> SegRegLoss:
     )
 
 
+class ControlGrid:
+    """The field of a level as a function of parameters on a control grid of ``grid`` points for a level of ``size``
+    voxels: ``field(param)`` ``(G, D, *grid) -> (G, D, *size)``, in level voxels.
+
+    A control grid at least two level voxels apart is upsampled linearly (each control point's basis function is a
+    tent reaching the next point). A finer one (``grid_spacing 1``, or a ``grid_spacing_mm`` under 1.5 voxels) would
+    give every voxel a basis function one voxel wide: Adam's per-parameter steps then add noise of its step size at
+    every voxel, which the regulariser pays for at every level. Along such axes the control field is smoothed with
+    the ``[1, 2, 1] / 4`` kernel (tents two voxels wide, the span of ``grid_spacing 2``) and its parameters are scaled
+    so that one unit moves the field by that span, so every field of a coarser grid is a field of the finer one and one
+    Adam step is the same in mm on both.
+    """
+
+    def __init__(self, grid: Sequence[int], size: Sequence[int]) -> None:
+        self.grid, self.size = [int(g) for g in grid], [int(n) for n in size]
+        self.ratio = [(n - 1) / max(g - 1, 1) for g, n in zip(self.grid, self.size)]
+        self.fine_axes = [d for d, r in enumerate(self.ratio) if r < 1.5 and self.grid[d] >= 3]
+        scale = [max(1.0, 2.0 / r) if d in self.fine_axes else 1.0 for d, r in enumerate(self.ratio)]
+        self.scale = torch.tensor(scale).view(1, -1, *[1] * len(self.grid))
+
+    def smooth(self, c: torch.Tensor) -> torch.Tensor:
+        """``[1, 2, 1] / 4`` along the fine axes, edges extended linearly (a linear field stays exact)."""
+        nd = len(self.grid)
+        conv = F.conv3d if nd == 3 else F.conv2d
+        for ax in self.fine_axes:
+            dim, n = 2 + ax, c.shape[2 + ax]
+            first, last = c.narrow(dim, 0, 1), c.narrow(dim, n - 1, 1)
+            c = torch.cat([2 * first - c.narrow(dim, 1, 1), c, 2 * last - c.narrow(dim, n - 2, 1)], dim)
+            shape = [1] * nd
+            shape[ax] = 3
+            kernel = c.new_tensor([0.25, 0.5, 0.25]).view(1, 1, *shape).repeat(c.shape[1], 1, *[1] * nd)
+            c = conv(c, kernel, groups=c.shape[1])
+        return c
+
+    def field(self, param: torch.Tensor) -> torch.Tensor:
+        """The level's field ``(G, D, *size)`` (level voxels) of the parameters ``(G, D, *grid)``."""
+        return resize_field(self.smooth(param * self.scale.to(param)), self.size)
+
+    def parameters_of(self, field: torch.Tensor) -> torch.Tensor:
+        """Parameters ``(G, D, *grid)`` whose field approximates ``field`` ``(G, D, *size)`` (exact for a field that
+        is linear along the fine axes; otherwise smoothed once by the ``[1, 2, 1] / 4`` kernel)."""
+        return resize_field(field, self.grid) / self.scale.to(field)
+
+
 def dilate(mask: torch.Tensor, radius: int) -> torch.Tensor:
     """Binary ``(B, 1, *S)`` mask grown by ``radius`` voxels (chessboard distance)."""
     if radius <= 0:
@@ -100,7 +144,8 @@ class IterativeSegReg:
         lr: Adam learning rate at the start of each level (cosine decay to 5 % within the level).
         margin: crop margin in voxels (full resolution).
         grid_spacing: the field is optimised on a control grid this many times coarser than each level's image
-            grid and upsampled (linear); 1 = one parameter per voxel. Ignored when ``grid_spacing_mm`` is set.
+            grid and upsampled (linear); 1 = one control point per voxel, whose basis functions still span two voxels
+            (:class:`ControlGrid`: a finer grid adds freedom, not noise). Ignored when ``grid_spacing_mm`` is set.
         grid_spacing_mm: control-point spacing in mm (physical, the same on every axis; never finer than the level's
             voxels), e.g. 8 mm: a 10 mm slice axis then keeps one control point per slice.
         min_size: an axis is never downsampled below this many voxels (thin axes such as 16 cine-MR slices).
@@ -355,10 +400,15 @@ class IterativeSegReg:
 
     def optimise_batch(self, batch: RegionBatch, init: torch.Tensor, n_it: int, bar=None) -> torch.Tensor:
         """Adam on the control grids of every region of ``batch`` from ``init`` ``(G, D, *S)`` (the field in level
-        voxels, velocity or displacement); returns the best field found per region, ``(G, D, *S)``."""
+        voxels, velocity or displacement); returns the best field found per region, ``(G, D, *S)``.
+
+        The parameters live on the control grid (see :class:`ControlGrid`): every basis function spans at least two
+        level voxels each side and one Adam step moves the field by up to ``lr`` times that span, so a finer control
+        grid adds freedom without adding per-voxel noise or changing the step in mm."""
         size = batch.shape
         grid = self.control_grid(size, [min(r.spacing[d] for r in batch.regions) for d in range(len(size))])
-        param = torch.nn.Parameter(self.integrate.freeze(resize_field(init, grid)).contiguous())
+        basis = ControlGrid(grid, size)
+        param = torch.nn.Parameter(basis.parameters_of(self.integrate.freeze(init)).contiguous())
         opt = torch.optim.Adam([param], lr=self.lr)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(n_it, 1), eta_min=0.05 * self.lr)
         best_loss = param.new_full((len(batch),), float("inf"))
@@ -366,7 +416,7 @@ class IterativeSegReg:
         history = []
         for it in range(n_it):
             opt.zero_grad(set_to_none=True)
-            losses = self.batch_losses(batch, self.integrate(resize_field(param, size)))
+            losses = self.batch_losses(batch, self.integrate(basis.field(param)))
             with torch.no_grad():  # keep each region's best iterate: Adam's normalised steps can oscillate at the end
                 better = losses.detach() < best_loss
                 best_loss = torch.where(better, losses.detach(), best_loss)
@@ -382,7 +432,7 @@ class IterativeSegReg:
                     if bar is not None:
                         bar.update(len(batch) * (n_it - it - 1))
                     break
-        return resize_field(best, size)
+        return basis.field(best)
 
     # ----------------------------------------------------------------------------------------------------------
     def solve(self, plan: RegionPlan, tasks: Sequence[RegionTask], fixed, moving, spacing, bar=None) -> list:

@@ -71,6 +71,9 @@ class RegistrationWriter:
         save_figures: also write ``<output_dir>/figures/<pair>.png`` (fixed / moving / warped / grid / det J).
         jacobian_border: voxels dropped per axis for SDlogJ and % det J <= 0 (one int or one per axis).
         border_band: width (voxels) of the band around label borders for ``epe_border_mm``.
+        fov_threshold: original fixed-image intensity at or below which a voxel lies outside the scanner's field of
+            view (e.g. -1000 for a cone-beam CT padded with air): the EPE columns then also report
+            ``epe_in_fov_mm`` and ``epe_outside_fov_mm`` over the labelled voxels. ``None``: not reported.
         overwrite: replace the results of an earlier run in ``output_dir`` (with a warning); ``False`` refuses.
 
     Where the batch record names a ``true_displacement`` file (the synthetic sets store the exact motion), the row
@@ -89,6 +92,7 @@ class RegistrationWriter:
         jacobian_border: int | Sequence[int] = 2,
         border_band: int = 2,
         overwrite: bool = True,
+        fov_threshold: float | None = None,
     ) -> None:
         if naming not in ("pair", "learn2reg"):
             raise ValueError(f"naming must be 'pair' or 'learn2reg', got {naming!r}")
@@ -99,6 +103,7 @@ class RegistrationWriter:
         self.save_figures = as_bool(save_figures, "save_figures")
         self.jacobian_border = jacobian_border if isinstance(jacobian_border, int) else list(jacobian_border)
         self.border_band = int(border_band)
+        self.fov_threshold = None if fov_threshold is None else float(fov_threshold)
         self.overwrite = as_bool(overwrite, "overwrite")
         self.rows: list[dict] = []
         self.summary: dict = {}
@@ -180,7 +185,7 @@ class RegistrationWriter:
         row.update(pair_metrics(ddf, fl, ml, self.labels, spacing, tre, self.jacobian_border))
         truth = b.get("true_displacement")
         if isinstance(truth, (str, Path)) and Path(truth).is_file():
-            row.update(self.epe_row(disp, truth, moving_affine, refs))
+            row.update(self.epe_row(disp, truth, moving_affine, refs, _meta(fixed).get("filename_or_obj")))
         logger.info("%s: %s", name, ", ".join(f"{k} {v:.3f}" for k, v in row.items() if k.endswith(("mean", "mm"))))
         return row
 
@@ -197,14 +202,18 @@ class RegistrationWriter:
             warped = warp_volume(volume, disp, mode).numpy()
             save_nifti(warped, self.output_dir / "warped" / f"{name}_{kind}.nii.gz", fixed_affine, dtype=dtype)
 
-    def epe_row(self, disp: torch.Tensor, truth_path, moving_affine, refs: Mapping) -> dict:
+    def epe_row(self, disp: torch.Tensor, truth_path, moving_affine, refs: Mapping, fixed_path=None) -> dict:
         """End-point error columns against the true displacement file (original fixed grid); regions from the fixed
-        reference label map (as the registration used its ids) carried back onto that grid."""
+        reference label map (as the registration used its ids) carried back onto that grid; inside and outside the
+        field of view of the original fixed image ``fixed_path`` where ``fov_threshold`` is set."""
         truth = np.moveaxis(np.asarray(load_nifti(truth_path)[0], dtype=np.float32), -1, 0)
         ref = refs["fixed_reference"]
         reg_affine, fixed_affine, fixed_shape = original_geometry(ref)
         label = labels_to_grid(plain(ref).detach().cpu()[0], reg_affine, fixed_affine, fixed_shape).numpy()
-        return epe_metrics(disp.numpy(), truth, moving_affine, label, self.labels, self.border_band)
+        fov = None
+        if self.fov_threshold is not None and fixed_path:
+            fov = np.asarray(load_nifti(fixed_path)[0]) > self.fov_threshold
+        return epe_metrics(disp.numpy(), truth, moving_affine, label, self.labels, self.border_band, fov)
 
     def gather_rows(self) -> list[dict] | None:
         """Every rank's rows, merged in pair order, on rank 0 (``None`` on the other ranks); this rank's rows without

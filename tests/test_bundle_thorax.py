@@ -28,7 +28,7 @@ def thorax(tmp_path_factory):
 
 def test_metadata_properties_and_no_training_config(thorax):
     meta = validate_metadata("segreg_thorax")
-    assert len(meta["labels"]) == 13 and meta["labels"]["7"] == "pulmonary_artery"
+    assert len(meta["labels"]) == 20 and meta["labels"]["7"] == "pulmonary_artery" and meta["labels"]["13"] == "liver"
     assert not (CFG / "train.json").exists()
     for files in ([INFER], [INFER, EVAL]):
         assert workflow(files, "infer", dataset_dir=str(thorax)).check_properties() == []
@@ -87,7 +87,8 @@ def test_region_set_is_a_config_choice_and_labels_follow_it(thorax, tmp_path):
         assert len(labels[name]) == n and wf.parser.get_parsed_content("writer").labels[13 % n] == labels[name][13 % n]
     assert labels["extended"][13] == "liver"
     meta = validate_metadata("segreg_thorax")  # the default set is the one metadata.json names for the Zoo
-    assert {int(k): v for k, v in meta["labels"].items()} == labels["seed13"]
+    assert workflow([INFER], "infer", dataset_dir=str(thorax)).parser.get_parsed_content("region_set") == "extended"
+    assert {int(k): v for k, v in meta["labels"].items()} == labels["extended"]
     with pytest.raises(Exception) as err:
         workflow([INFER], "infer", dataset_dir=str(thorax), region_set="organs").parser.get_parsed_content("merge_map")
     assert "unknown region_set 'organs'" in error_text(err.value) and "extended" in error_text(err.value)
@@ -134,6 +135,8 @@ def test_submission_folder_and_tre_match_the_learn2reg_convention(thorax, tmp_pa
         tre = np.linalg.norm((fixed + u - moving) * spacing, axis=1).mean()
         row = next(c for c in table["cases"] if c["pair"] == name[:-7])
         assert row["tre_mm"] == pytest.approx(tre, rel=1e-4)
+        # the synthetic set stores the exact motion: EPE inside the CBCT field of view (above -1000 HU) is reported
+        assert np.isfinite(row["epe_in_fov_mm"]) and "epe_in_fov_mm" in table["conventions"]
     assert np.isfinite(table["summary"]["dice_mean"]["mean"]) and "sdlogj" in table["summary"]
     assert "tre_mm" in table["conventions"]
     # one metric path: the evaluator's logged metrics are the table's means

@@ -142,3 +142,24 @@ def test_metrics_cuda_match_cpu():
     torch.testing.assert_close(jacobian_determinant(u.cuda()).cpu(), jacobian_determinant(u), atol=1e-4, rtol=1e-4)
     pts = torch.rand(5, 3) * 10
     torch.testing.assert_close(tre_mm(u.cuda(), pts, pts).cpu(), tre_mm(u, pts, pts), atol=1e-4, rtol=1e-4)
+
+
+def test_epe_inside_and_outside_the_field_of_view_hand_computed():
+    from custom.evaluation import epe_metrics
+
+    shape = (6, 5, 4)
+    truth = np.zeros((3,) + shape, np.float32)
+    disp = np.zeros_like(truth)
+    disp[0] = 1.0  # 1 voxel along x everywhere: 2 mm with the anisotropic affine below
+    disp[0, 4:] = 3.0  # 6 mm in the part outside the field of view
+    label = np.zeros(shape, np.int16)
+    label[1:5, 1:4, 1:3] = 7
+    fov = np.ones(shape, bool)
+    fov[4:] = False
+    row = epe_metrics(disp, truth, np.diag([2.0, 1.0, 3.0, 1.0]), label, {7: "organ"}, fov=fov)
+    # labelled voxels: x = 1..4; x = 1..3 inside the field of view (2 mm), x = 4 outside (6 mm)
+    assert row["epe_in_fov_mm"] == pytest.approx(2.0)
+    assert row["epe_outside_fov_mm"] == pytest.approx(6.0)
+    assert row["epe_organ_mm"] == pytest.approx((3 * 2.0 + 6.0) / 4)
+    with pytest.raises(ValueError, match="different grids"):
+        epe_metrics(disp, truth, np.eye(4), label, fov=fov[:-1])

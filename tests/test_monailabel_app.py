@@ -193,12 +193,15 @@ def test_thorax_propagates_the_planning_ct_labels_onto_the_cbct(server, tmp_path
     fixed = server["studies"] / "ThoraxCBCT_0000_0001.nii.gz"
     result = infer(server, "segreg_thorax", "ThoraxCBCT_0000_0001", tmp_path / "label.nii.gz")
     assert_same_header(result, fixed)
-    mapping = load_merge_map(server["bundles"] / "segreg_thorax" / "configs" / "totalsegmentator_to_segreg13.json")
+    # the bundle's default region set
+    mapping = load_merge_map(
+        server["bundles"] / "segreg_thorax" / "configs" / "totalsegmentator_to_segreg_extended.json"
+    )
     truth = merge_labels(array(server["gt"]["ThoraxCBCT_0000_0001"]).astype(np.int64), mapping["map"], "ignore")
     before = merge_labels(array(server["gt"]["ThoraxCBCT_0000_0000"]).astype(np.int64), mapping["map"], "ignore")
     labels = [k for k in np.unique(truth) if k]
     after_d, before_d = dice(array(result), truth, labels), dice(before, truth, labels)
-    assert set(np.unique(array(result))) <= set(range(13))  # bundle ids, not TotalSegmentator ids
+    assert set(np.unique(array(result))) <= set(mapping["regions"])  # bundle ids, not TotalSegmentator ids
     assert all(after_d[k] > 0 for k in labels), after_d
     assert np.mean(list(after_d.values())) >= np.mean(list(before_d.values())) - 0.5, (after_d, before_d)
     # the displacement against the exact motion (mm), inside the body
