@@ -9,6 +9,9 @@ point per voxel nearly doubled the error (Adam's per-parameter steps left voxel-
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -19,13 +22,15 @@ from custom.register import iterative_registration
 from custom.synthetic.thorax import make_thorax
 
 LUNGS = (10, 11, 12, 13, 14)  # TotalSegmentator lung lobes
-SETTINGS = {
-    "level_spacing_mm": (16.0, 8.0, 4.0),
-    "iterations": (50, 20, 10),
-    "intensity_range": (-1000.0, 1000.0),
-    "fov_value": 0.0,
-    "reg_domain": "region",
-    "sigma": 2.0,
+CONFIG = json.loads((Path(__file__).parents[1] / "bundles/segreg_thorax/configs/inference.json").read_text())
+SETTINGS = {  # the segreg_thorax bundle's solver settings, read from its config
+    "level_spacing_mm": tuple(CONFIG["level_spacing_mm"]),
+    "iterations": tuple(CONFIG["iterations"]),
+    "intensity_range": tuple(CONFIG["intensity_range"]),
+    "fov_value": CONFIG["fov_value"],
+    "reg_domain": CONFIG["reg_domain"],
+    "sigma": CONFIG["composition_sigma"],
+    "grid_spacing": CONFIG["grid_spacing"],
     "progress": False,
 }
 
@@ -75,10 +80,11 @@ def test_control_grid_spans_the_coarser_grid_and_keeps_the_step():
 
 
 def test_a_finer_control_grid_or_level_is_not_worse(cbct_pair):
-    none = lung_epe(cbct_pair, iterations=(0, 0, 0))
+    none = lung_epe(cbct_pair, iterations=(0,) * len(SETTINGS["iterations"]))
     base = lung_epe(cbct_pair)
     fine_grid = lung_epe(cbct_pair, grid_spacing=1)
-    fine_level = lung_epe(cbct_pair, level_spacing_mm=(16.0, 8.0, 4.0, 3.0), iterations=(50, 20, 10, 10))
+    levels, iterations = SETTINGS["level_spacing_mm"], SETTINGS["iterations"]
+    fine_level = lung_epe(cbct_pair, level_spacing_mm=levels + (3.0,), iterations=iterations + (iterations[-1],))
     print(f"lung EPE mm: none {none:.2f}, grid 2 {base:.2f}, grid 1 {fine_grid:.2f}, + level 3 mm {fine_level:.2f}")
     assert base < 0.75 * none
     # "beyond noise": 0.25 mm, the spread of the lung EPE between equally good settings on such pairs
