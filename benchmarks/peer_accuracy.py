@@ -101,8 +101,9 @@ def masks(name: str, rec: dict):
     return None, None
 
 
-def displacement(method: str, name: str, rec: dict, settings, merge, tmp: Path) -> np.ndarray:
-    """Displacement ``(3, *S)`` (voxels of the fixed grid, Learn2Reg sense) of ``method`` on the pair ``rec``."""
+def displacement(method: str, name: str, rec: dict, settings, merge, tmp: Path, **peer_kwargs) -> np.ndarray:
+    """Displacement ``(3, *S)`` (voxels of the fixed grid, Learn2Reg sense) of ``method`` on the pair ``rec``;
+    ``peer_kwargs`` go to the peer (e.g. ANTs' ``reg_iterations``) on top of the set's ``PEER_KWARGS``."""
     from synthetic_sets import ground_truth_labels, register_with_labels
 
     from custom.degrade import degrade_labels
@@ -131,7 +132,7 @@ def displacement(method: str, name: str, rec: dict, settings, merge, tmp: Path) 
     fixed, moving = (scaled(rec[k], modality) for k in ("fixed_image", "moving_image"))
     spacing = np.linalg.norm(fixed_img.affine[:3, :3], axis=0)
     peer = method.removesuffix("_nomask")
-    kwargs = dict(PEER_KWARGS.get(name, {}).get(peer, {}))
+    kwargs = {**PEER_KWARGS.get(name, {}).get(peer, {}), **peer_kwargs}
     if peer == "ants_syn":  # ITK threads = the torch threads of the other methods
         import torch
 

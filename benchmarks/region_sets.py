@@ -33,6 +33,14 @@ CONFIGS = REPO / "bundles" / "segreg_thorax" / "configs"
 GROUPS = {"lungs": (10, 11, 12, 13, 14), "liver, stomach, spleen": (5, 6, 1), "kidneys": (2, 3)}
 
 
+def region_set_maps() -> dict:
+    """``{"seed13": map, "extended": map}``: the thorax bundle's TotalSegmentator -> region merge maps."""
+    return {
+        name: load_merge_map(CONFIGS / f"totalsegmentator_to_segreg{suffix}.json")["map"]
+        for name, suffix in (("seed13", "13"), ("extended", "_extended"))
+    }
+
+
 def score(disp: np.ndarray, rec: dict) -> dict:
     """End-point errors per group (mm, inside the field of view), TRE (mm), % det J <= 0."""
     truth = np.moveaxis(nib.load(rec["true_displacement"]).get_fdata(), -1, 0)
@@ -59,10 +67,7 @@ def main() -> None:
     if not js.exists():
         make_thorax(args.data, n_subjects=args.subjects, n_val=args.subjects, seed=7, realism="cbct")
     recs = learn2reg_pairs(js, "registration_val", "segmentationsTr")
-    maps = {
-        name: load_merge_map(CONFIGS / f"totalsegmentator_to_segreg{suffix}.json")["map"]
-        for name, suffix in (("seed13", "13"), ("extended", "_extended"))
-    }
+    maps = region_set_maps()
     rows = {"none": [], "SegReg, seed13": [], "SegReg, extended": [], "global": []}
     for rec in recs:
         raw = {k: np.rint(nib.load(rec[k]).get_fdata()).astype(np.int16) for k in ("fixed_label", "moving_label")}

@@ -19,16 +19,14 @@ import argparse
 import tempfile
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import torch
-from region_sets import CONFIGS, score
-from synthetic_sets import REPO, THORAX_SETTINGS, register_with_labels
+from region_sets import region_set_maps, score
+from synthetic_sets import REPO, THORAX_SETTINGS, ground_truth_labels, register_with_labels
 
 import custom.iterative
 from custom.datasets.learn2reg import learn2reg_pairs
 from custom.io import save_text
-from custom.regions import load_merge_map, merge_labels
 from custom.synthetic.thorax import make_thorax
 
 SETS = {"4 mm": ((80, 64, 64), (4.0, 4.0, 4.0), 7), "3 mm": ((96, 80, 96), (3.0, 3.0, 3.0), 11)}
@@ -75,7 +73,7 @@ def main() -> None:
     ap.add_argument("--md", default=str(REPO / "docs" / "benchmarks" / "solver_scaling.md"))
     args = ap.parse_args()
     torch.set_num_threads(2)
-    merge = load_merge_map(CONFIGS / "totalsegmentator_to_segreg_extended.json")["map"]
+    merge = region_set_maps()["extended"]
     lines = [
         "# Solver scaling: control grid and levels on the CBCT-like synthetic thorax\n",
         f"Regenerate: `python benchmarks/solver_scaling.py --subjects {args.subjects}`. The `segreg_thorax` solver "
@@ -102,10 +100,7 @@ def main() -> None:
             settings = {**THORAX_SETTINGS, **{k: v for k, v in overrides.items() if not k.startswith("_")}}
             rows = []
             for rec in recs:
-                raw = {
-                    k: np.rint(nib.load(rec[k]).get_fdata()).astype(np.int16) for k in ("fixed_label", "moving_label")
-                }
-                labels = {k: merge_labels(v, merge, "ignore").astype(np.int16) for k, v in raw.items()}
+                labels = ground_truth_labels(rec, merge)
                 with tempfile.TemporaryDirectory() as tmp:
                     if overrides.get("_one_voxel_basis"):
                         with OneVoxelBasis():

@@ -29,14 +29,13 @@ import nibabel as nib
 import numpy as np
 import torch
 from peer_accuracy import displacement as peer_displacement
-from region_sets import CONFIGS
+from region_sets import region_set_maps
 from scipy import ndimage
-from synthetic_sets import REPO, THORAX_SETTINGS, register_with_labels
+from synthetic_sets import REPO, THORAX_SETTINGS, ground_truth_labels, register_with_labels
 
 from custom.datasets.learn2reg import learn2reg_pairs, read_keypoints
 from custom.io import save_text
 from custom.metrics import jacobian_stats, tre_mm
-from custom.regions import load_merge_map, merge_labels
 from custom.synthetic.thorax import TOTALSEG_IDS, make_thorax
 
 SETS = {"4mm": ((80, 64, 64), (4.0, 4.0, 4.0), 7), "3mm": ((96, 80, 96), (3.0, 3.0, 3.0), 11)}
@@ -104,17 +103,10 @@ def score(disp: np.ndarray, rec: dict, band_mm: float = 8.0) -> dict:
 def register(method: str, rec: dict, maps: dict, tmp: Path) -> np.ndarray:
     """Displacement ``(3, *S)`` of ``method`` on the pair ``rec``."""
     if method in ("seed13", "extended"):
-        raw = {k: np.rint(nib.load(rec[k]).get_fdata()).astype(np.int16) for k in ("fixed_label", "moving_label")}
-        labels = {k: merge_labels(v, maps[method], "ignore").astype(np.int16) for k, v in raw.items()}
+        labels = ground_truth_labels(rec, maps[method])
         return register_with_labels(rec, labels, dict(THORAX_SETTINGS), tmp)[0].numpy()
     if method == "ants_syn_full":
-        from peer_accuracy import masks, scaled
-        from peers import run_peer
-
-        fixed, moving = (scaled(rec[k], "ct") for k in ("fixed_image", "moving_image"))
-        spacing = np.linalg.norm(nib.load(rec["fixed_image"]).affine[:3, :3], axis=0)
-        kwargs = {"threads": torch.get_num_threads(), "reg_iterations": (100, 70, 50)}
-        return run_peer("ants_syn", fixed, moving, spacing, *masks("thorax", rec), **kwargs)
+        return peer_displacement("ants_syn", "thorax", rec, None, None, tmp, reg_iterations=(100, 70, 50))
     return peer_displacement(method, "thorax", rec, dict(THORAX_SETTINGS), None, tmp)
 
 
@@ -127,10 +119,7 @@ def main() -> None:
     ap.add_argument("--md", default=str(REPO / "docs" / "benchmarks" / "thorax_accuracy.md"))
     args = ap.parse_args()
     torch.set_num_threads(2)
-    maps = {
-        name: load_merge_map(CONFIGS / f"totalsegmentator_to_segreg{suffix}.json")["map"]
-        for name, suffix in (("seed13", "13"), ("extended", "_extended"))
-    }
+    maps = region_set_maps()
     lines = [
         "# Thorax: SegReg against ANTs SyN, ConvexAdam and elastix on the CBCT-like synthetic thorax\n",
         f'Regenerate: `pip install -e ".[bench]" && python benchmarks/thorax_accuracy.py --subjects {args.subjects}`. '
