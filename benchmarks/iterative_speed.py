@@ -5,16 +5,17 @@ Usage: ``pip install -e ".[bench]" && python benchmarks/iterative_speed.py [--ou
 Cases (generated on first use, cached under ``--out``):
 
 - ``thorax_80x64x64``: the synthetic ThoraxCBCT validation pair (4 mm voxels), as ``python -m custom make-data``;
-- ``thorax_390x280x300``: a synthetic ThoraxCBCT pair the size of the real one (1 mm voxels, 13 merged regions,
-  structured anatomy with lung texture and sliding breathing motion).
+- ``thorax_390x280x300``: a synthetic ThoraxCBCT pair the size of the real one (1 mm voxels, structured anatomy
+  with lung texture and sliding breathing motion).
 
 Methods: IterativeSegReg per region and global with the ``segreg_thorax`` bundle's own settings (read from its
 ``inference.json``), and ConvexAdam (``convexadam`` from PyPI, its defaults: MIND-SSC, coupled convex optimisation,
 80 Adam steps at half resolution). Each method runs in a fresh process (so the peak memory is its own) with the same
 number of torch threads. Columns: CPU seconds of the registration call (all threads together), wall seconds, peak
-resident memory of the process (GiB), mean Dice of the 13 regions (%), TRE over the lung keypoints (mm) and end-point
-error against the exact motion (mm, all voxels). The last lines are the ratios of CPU seconds, per-region SegReg over
-ConvexAdam, per case and ``ratio_segreg_vs_convexadam=<x>`` (the larger of the two).
+resident memory of the process (GiB), mean Dice of the regions of the bundle's default ``region_set`` (%), TRE over
+the lung keypoints (mm) and end-point error against the exact motion (mm, all voxels). The last lines are the ratios
+of CPU seconds, per-region SegReg over ConvexAdam, per case and ``ratio_segreg_vs_convexadam=<x>`` (the larger of
+the two).
 """
 
 from __future__ import annotations
@@ -49,15 +50,22 @@ def case_record(out: Path, name: str) -> dict:
     return learn2reg_pairs(js, "registration_val", "segmentationsTr")[0]
 
 
+def bundle_merge_map() -> Path:
+    """The merge map of the bundle's default ``region_set`` (its ``inference.json``)."""
+    config = json.loads((BUNDLE / "configs" / "inference.json").read_text())
+    return BUNDLE / "configs" / config["region_sets"][config["region_set"]]
+
+
 def load_pair(rec: dict):
-    """Images scaled as the bundle does (-1000..1000 HU -> 0..1), 13 merged regions, spacing, keypoints, truth."""
+    """Images scaled as the bundle does (-1000..1000 HU -> 0..1), label maps merged with the bundle's default region
+    set, spacing, keypoints, truth."""
     import torch
 
     from custom.datasets.learn2reg import read_keypoints
     from custom.io import load_nifti
     from custom.regions import load_merge_map, merge_labels
 
-    mapping = load_merge_map(BUNDLE / "configs" / "totalsegmentator_to_segreg13.json")["map"]
+    mapping = load_merge_map(bundle_merge_map())["map"]
     fixed, affine = load_nifti(rec["fixed_image"])
     moving = load_nifti(rec["moving_image"])[0]
     fl, ml = (merge_labels(load_nifti(rec[k])[0], mapping, "ignore") for k in ("fixed_label", "moving_label"))
@@ -92,18 +100,19 @@ def bundle_solver(variant: str):
     return parser.get_parsed_content("inferer").optimiser
 
 
-def register(method: str, pair: dict, device):
-    """Displacement ``(1, 3, *S)`` (voxels, Learn2Reg sense, on the CPU) of ``method`` on ``pair``."""
+def register(method: str, pair: dict, device) -> tuple:
+    """Displacement ``(1, 3, *S)`` (voxels, Learn2Reg sense, on the CPU) of ``method`` on ``pair``, and the CPU
+    seconds per phase of the SegReg solver (``IterativeSegReg.last_profile``; empty for ConvexAdam)."""
     import torch
 
     if method == "convexadam":
         from convexAdam.convex_adam_MIND import convex_adam_pt
 
         disp = convex_adam_pt(pair["fixed"][0, 0], pair["moving"][0, 0], device=device)
-        return torch.as_tensor(np.moveaxis(disp, -1, 0), dtype=torch.float32)[None]
+        return torch.as_tensor(np.moveaxis(disp, -1, 0), dtype=torch.float32)[None], {}
     solver = bundle_solver("segreg" if method == "segreg" else "global")
     args = [pair[k].to(device) for k in ("fixed", "moving", "fixed_label", "moving_label")]
-    return solver(*args, spacing=pair["spacing"])["ddf"].cpu()
+    return solver(*args, spacing=pair["spacing"])["ddf"].cpu(), dict(solver.last_profile)
 
 
 def worker(method: str, rec: dict, threads: int, device: str = "cpu") -> dict:
@@ -112,6 +121,7 @@ def worker(method: str, rec: dict, threads: int, device: str = "cpu") -> dict:
 
     from custom.evaluation import epe_metrics
     from custom.metrics import dice_per_label, tre_mm, warp_labels
+    from custom.regions import load_merge_map
 
     torch.set_num_threads(threads)
     dev = torch.device(device)
@@ -119,14 +129,14 @@ def worker(method: str, rec: dict, threads: int, device: str = "cpu") -> dict:
     if dev.type == "cuda":
         torch.cuda.synchronize()
     w0, c0 = time.perf_counter(), time.process_time()
-    ddf = register(method, pair, dev)
+    ddf, phases = register(method, pair, dev)
     if dev.type == "cuda":
         torch.cuda.synchronize()
-    row = {"wall_s": time.perf_counter() - w0, "cpu_s": time.process_time() - c0}
+    row = {"wall_s": time.perf_counter() - w0, "cpu_s": time.process_time() - c0, "phases": phases}
     row["peak_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     if dev.type == "cuda":
         row["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
-    ids = list(range(1, 14))
+    ids = sorted({int(v) for v in load_merge_map(bundle_merge_map())["map"].values()} - {0})
     dice = dice_per_label(warp_labels(pair["moving_label"], ddf), pair["fixed_label"], ids, pair["moving_label"])
     row["dice"] = float(np.nanmean(dice.numpy()))
     row["tre_mm"] = float(tre_mm(ddf, *pair["keypoints"], pair["spacing"]).mean())
@@ -172,6 +182,22 @@ def markdown(rows: list[dict], ratios: dict, header: str) -> str:
         f"- `ratio_segreg_vs_convexadam[{k}]={v:.2f}` (CPU seconds, per-region SegReg / ConvexAdam)"
         for k, v in ratios.items()
     ]
+    profiled = [r for r in rows if r["method"] == "segreg" and r.get("phases")]
+    if profiled:
+        lines += [
+            "",
+            "## Where per-region SegReg spends its CPU time",
+            "",
+            "CPU seconds per phase of the same runs (`IterativeSegReg.last_profile`); the rest of the CPU s column is "
+            "the process's start-up inside the timed call (first use of the thread pool and kernels).",
+            "",
+            "| case | " + " | ".join(profiled[0]["phases"]) + " |",
+            "|---|" + "---|" * len(profiled[0]["phases"]),
+        ]
+        for r in profiled:
+            lines.append(
+                f"| {r['case']} | " + " | ".join(f"{r['phases'].get(k, 0.0):.2f}" for k in profiled[0]["phases"]) + " |"
+            )
     return "\n".join(lines) + "\n"
 
 

@@ -29,6 +29,7 @@ THORAX_SETTINGS = {
     "fov_value": 0.0,
     "reg_domain": "region",
     "sigma": 2.0,
+    "mask_only_levels": 2,
 }
 
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import time
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +20,7 @@ from tqdm.auto import tqdm
 from custom.composer import FieldComposer
 from custom.flags import as_bool, auto_or_bool
 from custom.geometry import in_plane_components, voxel_spacing
+from custom.grid_warp import GridWarp
 from custom.losses import RegionDiffusionLoss, SegRegLoss
 from custom.mind import MINDSSCLoss, noise_variance
 from custom.networks import VelocityToDisplacement
@@ -179,10 +182,23 @@ class IterativeSegReg:
         centroid_init: a region whose fixed and moving masks overlap with a Dice below this starts from the
             translation between their centroids (the mask loss has no gradient to follow while the masks do not
             touch: a small organ that moved more than its own size); 0 disables it.
+        mask_only_levels: regions registered by their masks alone (``fov_value``: mostly outside the field of view)
+            are optimised at the first this-many levels only and keep that field at the finer ones (``None``: every
+            level). Without image data their field follows the mask borders, which a coarse level already resolves;
+            on a CBCT pair such regions are the background and the chest wall, the largest crops of the finest level.
 
     The voxel spacing (``spacing`` argument of ``__call__``, else the fixed image's affine if it is a ``MetaTensor``,
     else 1 mm) makes the regulariser, the levels and the control grid physical.
+
+    On a CPU, batches of fewer than :attr:`single_thread_voxels` voxels (all regions of the batch together) run on one
+    thread: 3-D ``grid_sample`` splits its work by batch element only and torch leaves tensors this small to one
+    thread, so further threads would only spin and add CPU time.
+
+    ``last_profile`` holds the CPU seconds of the last pair per phase (plan, noise level, each level's set-up and
+    optimisation, composition, warping; logged at DEBUG level): ``benchmarks/iterative_speed.py`` prints it.
     """
+
+    single_thread_voxels: int = 65536
 
     def __init__(
         self,
@@ -211,6 +227,7 @@ class IterativeSegReg:
         max_padding: float = 0.25,
         num_threads: int | None = None,
         centroid_init: float = 0.5,
+        mask_only_levels: int | None = None,
     ) -> None:
         if field not in ("displacement", "velocity"):
             raise ValueError(f"field must be 'displacement' or 'velocity', got {field!r}")
@@ -241,6 +258,7 @@ class IterativeSegReg:
         self.in_plane = auto_or_bool(in_plane, "in_plane")
         self.set_frozen(self.base_frozen)
         self.centroid_init = float(centroid_init)
+        self.mask_only_levels = None if mask_only_levels is None else max(1, int(mask_only_levels))
         self.grid_spacing_mm = None if grid_spacing_mm is None else float(grid_spacing_mm)
         if not (reg_domain in ("region", "box") or (isinstance(reg_domain, int) and reg_domain >= 0)):
             raise ValueError(
@@ -254,9 +272,31 @@ class IterativeSegReg:
             raise ValueError(f"num_threads must be a positive number of CPU threads or None, got {num_threads!r}")
         self.num_threads = None if num_threads is None else int(num_threads)
         self.batched_terms = self._batched_terms()
-        self.warp = Warp(mode="bilinear", padding_mode="zeros")
+        self.last_profile: dict[str, float] = {}
+        self.warp = GridWarp(mode="bilinear", padding_mode="zeros")  # every step: the cached-grid warp
         self.warp_image = Warp(mode="bilinear", padding_mode="border")
         self.warp_label = Warp(mode="nearest", padding_mode="border")
+
+    @contextmanager
+    def phase(self, name: str):
+        """Add the CPU seconds (all threads) spent inside the block to ``last_profile[name]``."""
+        start = time.process_time()
+        try:
+            yield
+        finally:
+            self.last_profile[name] = self.last_profile.get(name, 0.0) + time.process_time() - start
+
+    @contextmanager
+    def small_work(self, device: torch.device, voxels: int):
+        """One torch thread inside the block when ``voxels`` (the work's size) is below :attr:`single_thread_voxels`
+        on a CPU: tensors this small are not split across threads, so the others would only spin."""
+        threads = torch.get_num_threads()
+        if torch.device(device).type == "cpu" and voxels < self.single_thread_voxels and threads > 1:
+            torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(threads)
 
     # ----------------------------------------------------------------------------------------------------------
     def plan(self, fixed_label, moving_label) -> RegionPlan:
@@ -374,12 +414,18 @@ class IterativeSegReg:
         w = self.loss.weights
         sims = u.new_zeros(len(batch))
         if self.features is not None and n_img:
-            sq = (warped[:, :n_img] - batch.fixed) ** 2 * batch.sim_weight
-            sims = sq.flatten(1).sum(1) / (batch.valid.flatten(1).sum(1) * n_img)
+            if "sim_norm" not in batch.cache:
+                batch.cache["sim_norm"] = batch.valid.flatten(1).sum(1) * n_img
+            sq = (warped[:, :n_img] - batch.fixed).square() * batch.sim_weight
+            sims = sq.flatten(1).sum(1) / batch.cache["sim_norm"]
         if self.batched_terms is not None and (n_img == 0 or self.features is not None):
             dice, diffusion = self.batched_terms
             mask = dice(warped[:, n_img : n_img + n_mask], batch.fixed_masks).flatten(1).mean(1)
-            reg = diffusion(u, batch.reg_domain, torch.tensor([r.spacing for r in batch.regions]))
+            if "reg" not in batch.cache:  # the regions do not change during the iterations
+                spacing = torch.tensor([r.spacing for r in batch.regions], device=u.device)
+                batch.cache["reg"] = spacing, diffusion.border_weights(batch.reg_domain)
+            spacing, weights = batch.cache["reg"]
+            reg = diffusion(u, spacing=spacing, weights=weights)
             return w["sim"] * sims + w["mask"] * mask + w["reg"] * reg
         losses = []
         crop = batch.crop
@@ -437,7 +483,8 @@ class IterativeSegReg:
     # ----------------------------------------------------------------------------------------------------------
     def solve(self, plan: RegionPlan, tasks: Sequence[RegionTask], fixed, moving, spacing, bar=None) -> list:
         """Field (velocity or displacement, level voxels) of every task on its crop at the finest level."""
-        noise_var = noise_variance(fixed) if self.gated else None  # the whole fixed image's, at full resolution
+        with self.phase("noise level"):
+            noise_var = noise_variance(fixed) if self.gated else None  # the whole fixed image's, at full resolution
         boxes = [plan.box_shape(t.index) for t in tasks]
         counts = [float(plan.mask("fixed", t.index).sum()) if t.region else math.inf for t in tasks]
         fields: list[torch.Tensor | None] = [None] * len(tasks)
@@ -461,23 +508,31 @@ class IterativeSegReg:
                 fields[k] = resize_field(prev, sizes[k])
             todo = []
             for k, task in enumerate(tasks):
+                if not task.use_similarity and self.mask_only_levels is not None and level >= self.mask_only_levels:
+                    if bar is not None:  # no image term: the masks' field is smooth, the finer levels add nothing
+                        bar.update(n_it)
+                    continue
                 if level != last and task.region:  # skip a region too small at this level before describing it
                     if float(resize(plan.mask("fixed", task.index), sizes[k]).sum()) < self.min_region_voxels:
                         if bar is not None:
                             bar.update(n_it)
                         continue
-                todo.append((k, self.region_level(plan, task, fixed, moving, sizes[k], spacings[k], noise_var)))
+                with self.small_work(fixed.device, math.prod(boxes[k])), self.phase(f"level {level + 1} set-up"):
+                    level_k = self.region_level(plan, task, fixed, moving, sizes[k], spacings[k], noise_var)
+                todo.append((k, level_k))
             for use_similarity in (True, False):  # one channel layout per batch: features + masks, or masks only
                 same = [t for t in todo if t[1].use_similarity == use_similarity]
                 for group in group_by_shape([r.shape for _, r in same], self.max_padding):
-                    self.optimise_group([same[g] for g in group], fields, n_it, bar)
+                    with self.phase(f"level {level + 1} optimisation"):
+                        self.optimise_group([same[g] for g in group], fields, n_it, bar)
         return fields
 
     def optimise_group(self, members: list, fields: list, n_it: int, bar=None) -> None:
         """Optimise the regions ``members`` (``(task number, RegionLevel)``) as one batch; updates ``fields``."""
         batch = RegionBatch.stack([r for _, r in members])
         init = torch.cat([pad_to(fields[k], batch.shape, "replicate") for k, _ in members])
-        out = self.optimise_batch(batch, init, n_it, bar)
+        with self.small_work(batch.fixed.device, len(batch) * math.prod(batch.shape)):
+            out = self.optimise_batch(batch, init, n_it, bar)
         for b, (k, _) in enumerate(members):
             fields[k] = batch.crop(out, b).detach()
 
@@ -512,26 +567,31 @@ class IterativeSegReg:
         if message:
             logger.info(message)
         self.set_frozen(self.base_frozen + list(frozen))
-        plan = self.plan(fixed_label, moving_label)
-        tasks = self.tasks(plan, fixed)
+        self.last_profile = {}
+        with self.phase("plan"):
+            plan = self.plan(fixed_label, moving_label)
+            tasks = self.tasks(plan, fixed)
         bar = tqdm(
             total=len(tasks) * sum(self.iterations), desc="IterativeSegReg", disable=not self.progress, leave=False
         )
         ddf = plan.new_field()
         try:
             fields = self.solve(plan, tasks, fixed, moving, spacing, bar)
-            with torch.no_grad():
+            with torch.no_grad(), self.phase("composition"):
                 for task, field in zip(tasks, fields):
                     u = self.integrate(resize_field(field, plan.box_shape(task.index)))
                     plan.paste(ddf, task.index, u)
         finally:
             bar.close()
         moving_label = plain(moving_label)
-        return {
-            "ddf": ddf,
-            "warped_image": self.warp_image(moving, ddf),
-            "warped_label": self.warp_label(moving_label.float(), ddf),
-        }
+        with self.phase("warping"):
+            out = {
+                "ddf": ddf,
+                "warped_image": self.warp_image(moving, ddf),
+                "warped_label": self.warp_label(moving_label.float(), ddf),
+            }
+        logger.debug("IterativeSegReg CPU seconds per phase: %s", self.last_profile)
+        return out
 
 
 class IterativeInferer(Inferer):

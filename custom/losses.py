@@ -83,7 +83,25 @@ class RegionDiffusionLoss(_Loss):
         super().__init__(reduction=reduction)
         self.spacing = None if spacing is None else [float(s) for s in spacing]
 
-    def forward(self, ddf: torch.Tensor, regions: torch.Tensor | None = None, spacing=None) -> torch.Tensor:
+    @staticmethod
+    def border_weights(regions: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+        """Per axis, the weights ``w`` of the forward differences ``(B, M)`` and their sums ``(B,)`` (``None`` for an
+        axis of one voxel): what :meth:`forward` computes from ``regions`` ``(B, N, *S)``, to reuse over many calls
+        with the same regions (``forward(..., weights=...)``)."""
+        out = []
+        for k in range(regions.ndim - 2):
+            axis, n = 2 + k, regions.shape[2 + k]
+            if n < 2:
+                out.append(None)
+                continue
+            w = (regions.narrow(axis, 1, n - 1) * regions.narrow(axis, 0, n - 1)).sum(1).flatten(1)
+            out.append((w, w.sum(1).clamp_min(1.0)))
+        return out
+
+    def forward(
+        self, ddf: torch.Tensor, regions: torch.Tensor | None = None, spacing=None, weights=None
+    ) -> torch.Tensor:
+        """``weights``: :meth:`border_weights` of ``regions``, computed once (then ``regions`` may be ``None``)."""
         dims = ddf.ndim - 2
         if regions is not None and (regions.shape[0] != ddf.shape[0] or regions.shape[2:] != ddf.shape[2:]):
             raise ValueError(f"regions {tuple(regions.shape)} do not match ddf {tuple(ddf.shape)}")
@@ -94,22 +112,23 @@ class RegionDiffusionLoss(_Loss):
             raise ValueError(
                 f"spacing {sp.tolist()} must give one value per spatial axis ({dims}), or one row per case"
             )
-        sp = sp.view((sp.shape[0], dims) + (1,) * dims)
-        if ddf.shape[1] == dims:
-            ddf = ddf * sp
+        if weights is None and regions is not None:
+            weights = self.border_weights(regions)
+        # component c in mm (u_c * s_c), differentiated along axis k per mm (/ s_k): one factor s_c / s_k per axis
+        comp = sp if ddf.shape[1] == dims else torch.ones_like(sp[:, :1]).expand(-1, ddf.shape[1])
         total = ddf.new_zeros((ddf.shape[0],))
         for k in range(dims):
             axis, n = 2 + k, ddf.shape[2 + k]
             if n < 2:
                 continue
-            diff = (ddf.narrow(axis, 1, n - 1) - ddf.narrow(axis, 0, n - 1)) / sp[:, k : k + 1]
-            sq = (diff * diff).mean(1, keepdim=True).flatten(1)
-            if regions is None:
+            factor = (comp / sp[:, k : k + 1]).view((comp.shape[0], comp.shape[1]) + (1,) * dims)
+            diff = (ddf.narrow(axis, 1, n - 1) - ddf.narrow(axis, 0, n - 1)) * factor
+            sq = diff.square().mean(1).flatten(1)
+            if weights is None:
                 total = total + sq.mean(1)
                 continue
-            w = (regions.narrow(axis, 1, n - 1) * regions.narrow(axis, 0, n - 1)).sum(1, keepdim=True)
-            w = w.flatten(1).to(sq.dtype)
-            total = total + (sq * w).sum(1) / w.sum(1).clamp_min(1.0)
+            w, w_sum = weights[k]
+            total = total + (sq * w.to(sq.dtype)).sum(1) / w_sum.to(sq.dtype)
         return reduce(total, self.reduction)
 
 

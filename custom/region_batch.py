@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -117,7 +117,8 @@ class RegionBatch:
     ``fixed_masks`` ``(G, C, *S)``, ``fixed_edt`` or ``None``, ``valid`` ``(G, 1, *S)`` (1 inside each region's real
     crop), ``reg_domain`` ``(G, 1, *S)`` (each regulariser domain: its ``reg_mask``, or its whole crop), ``sim_weight``
     ``(G, 1, *S)`` (each voxel's similarity weight, 0 in the padding: ``valid`` where no region is weighted),
-    ``regions`` the list of :class:`RegionLevel` in batch order."""
+    ``regions`` the list of :class:`RegionLevel` in batch order, ``cache`` what a solver derives from them once
+    (e.g. the regulariser's border weights)."""
 
     regions: list[RegionLevel]
     fixed: torch.Tensor
@@ -127,6 +128,7 @@ class RegionBatch:
     valid: torch.Tensor
     reg_domain: torch.Tensor
     sim_weight: torch.Tensor
+    cache: dict = field(default_factory=dict)
 
     @classmethod
     def stack(cls, regions: Sequence[RegionLevel]) -> RegionBatch:
@@ -143,7 +145,10 @@ class RegionBatch:
         if any(r.sim_weight is not None for r in regions):
             parts = [torch.ones_like(r.fixed_masks[:, :1]) if r.sim_weight is None else r.sim_weight for r in regions]
             weight = torch.cat([pad_to(w, size) for w in parts])  # zero padding: 0 outside each real crop, as valid
-        fields = (cat("fixed"), cat("moving"), cat("fixed_masks"), cat("fixed_edt"), valid, domain, weight)
+        moving = cat("moving")
+        if moving.ndim == 5:  # grid_sample reads all channels of a corner together: ~20 % faster channels-last
+            moving = moving.contiguous(memory_format=torch.channels_last_3d)
+        fields = (cat("fixed"), moving, cat("fixed_masks"), cat("fixed_edt"), valid, domain, weight)
         return cls(list(regions), *fields)
 
     def __len__(self) -> int:

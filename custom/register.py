@@ -121,6 +121,7 @@ def iterative_registration(
     noise_gate: float | None = 2.0,
     in_plane: bool | str = "auto",
     grid_spacing: int = 2,
+    mask_only_levels: int | None = None,
 ) -> dict:
     """Training-free SegReg of one pair (MIND-SSC + Dice + L2 within regions) in the fixed image's physical space.
 
@@ -134,7 +135,8 @@ def iterative_registration(
     similarity the voxels where the fixed image is flat up to its noise (see ``MINDSSCLoss``; ``None``: plain
     MIND-SSC). ``in_plane`` ("auto", True, False): hold the slice axis' displacement at 0, decided on the
     registration grid (:func:`custom.geometry.in_plane_components`; "auto" says so in one printed line).
-    ``grid_spacing``: control points every this many voxels of each level (see ``IterativeSegReg``).
+    ``grid_spacing``: control points every this many voxels of each level; ``mask_only_levels``: the levels at which
+    regions outside the field of view are optimised (see ``IterativeSegReg``).
     """
     from monai.losses import DiceLoss
     from monai.transforms import Compose, ScaleIntensityRanged, ScaleIntensityRangePercentilesd
@@ -196,6 +198,7 @@ def iterative_registration(
         fov_value=fov_value,
         sigma=sigma,
         grid_spacing=grid_spacing,
+        mask_only_levels=mask_only_levels,
         num_threads=4,  # small crops: more CPU threads add CPU time, not speed
     )
     with torch.enable_grad():

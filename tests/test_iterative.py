@@ -103,6 +103,40 @@ def test_region_outside_the_fixed_field_of_view_drops_the_similarity_term():
     assert all(t.use_similarity for t in tasks)
 
 
+@pytest.mark.parametrize("mask_only_levels", [None, 1])
+def test_regions_outside_the_field_of_view_stop_after_mask_only_levels(mask_only_levels):
+    # a shifted peripheral region in the CBCT padding is registered by its mask alone; with mask_only_levels=1 it is
+    # optimised at the coarse level only and keeps that field (upsampled) at the fine one, the others at every level
+    fixed = torch.rand(1, 1, 24, 24, 16) * 0.5 + 0.3
+    fixed_lab, moving_lab = torch.zeros(2, 1, 1, 24, 24, 16)
+    fixed_lab[..., 2:20, 2:18, 2:14] = moving_lab[..., 2:20, 2:18, 2:14] = 1
+    fixed_lab[..., 6:14, 20:23, 3:13] = 2
+    moving_lab[..., 8:16, 20:23, 3:13] = 2
+    fixed[..., :, 19:, :] = 0.0
+    reg = IterativeSegReg(
+        levels=(2, 1),
+        iterations=(20, 10),
+        fov_value=0.0,
+        mask_only_levels=mask_only_levels,
+        min_region_voxels=1,
+        **FREE,
+    )
+    runs = []
+    optimise = reg.optimise_group
+
+    def spy(members, fields, n_it, bar=None):
+        runs.append((n_it, sorted(reg.plan(fixed_lab, moving_lab).regions[k] for k, _ in members)))
+        return optimise(members, fields, n_it, bar)
+
+    reg.optimise_group = spy
+    ddf = reg(fixed, fixed, fixed_lab, moving_lab)["ddf"]
+    fine = sorted(r for n_it, group in runs if n_it == 10 for r in group)
+    assert fine == ([0, 1] if mask_only_levels == 1 else [0, 1, 2])
+    assert sorted(r for n_it, group in runs if n_it == 20 for r in group) == [0, 1, 2]
+    # the coarse field still moves the region towards its moving mask (2 voxels along the first axis)
+    assert ddf[0, 0][fixed_lab[0, 0] == 2].mean() > 0.5
+
+
 def test_pure_in_plane_motion_on_thick_slices_stays_in_plane_with_a_frozen_through_plane_component():
     # 1.8 x 1.8 x 10 mm, motion only in-plane (along y): the in-plane field (the ACDC default) has no through-plane
     # component at all and a lower end-point error than a free 3-D field on the same data
@@ -191,3 +225,44 @@ def test_the_noise_gate_stops_the_field_drifting_in_pure_noise(gate):
         assert drift > 0.3, drift  # the failure the gate removes (voxels)
     else:
         assert drift < 0.02, drift
+
+
+def test_small_batches_run_on_one_cpu_thread_and_the_setting_is_restored(monkeypatch):
+    # crops below single_thread_voxels are not split by torch: the solver drops to one thread for them (other threads
+    # would only spin), keeps the caller's threads for larger batches, and restores the setting afterwards
+    p = sliding_slabs(shape=(24, 20, 12))
+    seen = []
+    optimise = IterativeSegReg.optimise_batch
+
+    def spy(self, batch, init, n_it, bar=None):
+        seen.append((len(batch) * batch.shape[0] * batch.shape[1] * batch.shape[2], torch.get_num_threads()))
+        return optimise(self, batch, init, n_it, bar)
+
+    monkeypatch.setattr(IterativeSegReg, "optimise_batch", spy)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        reg = IterativeSegReg(levels=(2, 1), iterations=(5, 5), **FREE)
+        reg.single_thread_voxels = 2000
+        reg(p["fixed"], p["moving"], p["fixed_regions"], p["moving_regions"])
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert {threads for voxels, threads in seen if voxels < 2000} == {1}
+    assert {threads for voxels, threads in seen if voxels >= 2000} == {2}
+
+
+def test_last_profile_splits_the_cpu_time_of_the_pair_into_phases():
+    import time
+
+    p = sliding_slabs(shape=(24, 20, 12))
+    reg = IterativeSegReg(levels=(2, 1), iterations=(5, 5), **FREE)
+    start = time.process_time()
+    reg(p["fixed"], p["moving"], p["fixed_regions"], p["moving_regions"])
+    total = time.process_time() - start
+    phases = reg.last_profile
+    assert {"plan", "level 1 set-up", "level 1 optimisation", "level 2 optimisation", "composition", "warping"} <= set(
+        phases
+    )
+    assert all(v >= 0 for v in phases.values())
+    assert phases["level 2 optimisation"] > 0 and sum(phases.values()) <= total + 1e-3

@@ -68,3 +68,18 @@ def test_one_spacing_row_per_case_is_each_case_with_its_own_spacing():
     torch.testing.assert_close(got, want)
     with pytest.raises(ValueError, match="one row per case"):
         RegionDiffusionLoss()(ddf, None, torch.ones(3, 3))
+
+
+def test_precomputed_border_weights_give_the_same_loss_and_gradient():
+    # the iterative solver computes the border weights once per batch and reuses them at every step
+    regions = torch.cat([split_regions(), split_regions(border=6)])
+    ddf = torch.randn((2, 3, 10, 8, 6), requires_grad=True)
+    spacing = torch.tensor([[1.0, 2.0, 3.0], [0.5, 1.0, 1.0]])
+    loss = RegionDiffusionLoss(reduction="none")
+    direct = loss(ddf, regions, spacing)
+    (g_direct,) = torch.autograd.grad(direct.sum(), ddf)
+    reused = loss(ddf, spacing=spacing, weights=loss.border_weights(regions))
+    (g_reused,) = torch.autograd.grad(reused.sum(), ddf)
+    torch.testing.assert_close(reused, direct)
+    torch.testing.assert_close(g_reused, g_direct)
+    assert (direct != loss(ddf, None, spacing)).all()  # the weights matter: no border is crossed

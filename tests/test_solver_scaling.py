@@ -31,6 +31,7 @@ SETTINGS = {  # the segreg_thorax bundle's solver settings, read from its config
     "reg_domain": CONFIG["reg_domain"],
     "sigma": CONFIG["composition_sigma"],
     "grid_spacing": CONFIG["grid_spacing"],
+    "mask_only_levels": CONFIG["mask_only_levels"],
     "progress": False,
 }
 
