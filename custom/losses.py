@@ -114,16 +114,16 @@ class RegionDiffusionLoss(_Loss):
             )
         if weights is None and regions is not None:
             weights = self.border_weights(regions)
-        # component c in mm (u_c * s_c), differentiated along axis k per mm (/ s_k): one factor s_c / s_k per axis
-        comp = sp if ddf.shape[1] == dims else torch.ones_like(sp[:, :1]).expand(-1, ddf.shape[1])
+        sp = sp.view((sp.shape[0], dims) + (1,) * dims)
+        if ddf.shape[1] == dims:
+            ddf = ddf * sp
         total = ddf.new_zeros((ddf.shape[0],))
         for k in range(dims):
             axis, n = 2 + k, ddf.shape[2 + k]
             if n < 2:
                 continue
-            factor = (comp / sp[:, k : k + 1]).view((comp.shape[0], comp.shape[1]) + (1,) * dims)
-            diff = (ddf.narrow(axis, 1, n - 1) - ddf.narrow(axis, 0, n - 1)) * factor
-            sq = diff.square().mean(1).flatten(1)
+            diff = (ddf.narrow(axis, 1, n - 1) - ddf.narrow(axis, 0, n - 1)) / sp[:, k : k + 1]
+            sq = (diff * diff).mean(1).flatten(1)
             if weights is None:
                 total = total + sq.mean(1)
                 continue
