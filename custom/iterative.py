@@ -258,7 +258,9 @@ class IterativeSegReg:
         self.in_plane = auto_or_bool(in_plane, "in_plane")
         self.set_frozen(self.base_frozen)
         self.centroid_init = float(centroid_init)
-        self.mask_only_levels = None if mask_only_levels is None else max(1, int(mask_only_levels))
+        if mask_only_levels is not None and int(mask_only_levels) < 1:
+            raise ValueError(f"mask_only_levels must be a number of levels >= 1 or None, got {mask_only_levels!r}")
+        self.mask_only_levels = None if mask_only_levels is None else int(mask_only_levels)
         self.grid_spacing_mm = None if grid_spacing_mm is None else float(grid_spacing_mm)
         if not (reg_domain in ("region", "box") or (isinstance(reg_domain, int) and reg_domain >= 0)):
             raise ValueError(

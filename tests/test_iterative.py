@@ -135,6 +135,8 @@ def test_regions_outside_the_field_of_view_stop_after_mask_only_levels(mask_only
     assert sorted(r for n_it, group in runs if n_it == 20 for r in group) == [0, 1, 2]
     # the coarse field still moves the region towards its moving mask (2 voxels along the first axis)
     assert ddf[0, 0][fixed_lab[0, 0] == 2].mean() > 0.5
+    with pytest.raises(ValueError, match="mask_only_levels"):
+        IterativeSegReg(mask_only_levels=0)
 
 
 def test_pure_in_plane_motion_on_thick_slices_stays_in_plane_with_a_frozen_through_plane_component():
