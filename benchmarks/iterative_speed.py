@@ -50,22 +50,16 @@ def case_record(out: Path, name: str) -> dict:
     return learn2reg_pairs(js, "registration_val", "segmentationsTr")[0]
 
 
-def bundle_merge_map() -> Path:
-    """The merge map of the bundle's default ``region_set`` (its ``inference.json``)."""
-    config = json.loads((BUNDLE / "configs" / "inference.json").read_text())
-    return BUNDLE / "configs" / config["region_sets"][config["region_set"]]
-
-
 def load_pair(rec: dict):
     """Images scaled as the bundle does (-1000..1000 HU -> 0..1), label maps merged with the bundle's default region
-    set, spacing, keypoints, truth."""
+    set (its ``merge_map``), spacing, keypoints, truth, the region ids of the set."""
     import torch
 
     from custom.datasets.learn2reg import read_keypoints
     from custom.io import load_nifti
     from custom.regions import load_merge_map, merge_labels
 
-    mapping = load_merge_map(bundle_merge_map())["map"]
+    mapping = load_merge_map(bundle_config().get_parsed_content("merge_map"))["map"]
     fixed, affine = load_nifti(rec["fixed_image"])
     moving = load_nifti(rec["moving_image"])[0]
     fl, ml = (merge_labels(load_nifti(rec[k])[0], mapping, "ignore") for k in ("fixed_label", "moving_label"))
@@ -83,11 +77,12 @@ def load_pair(rec: dict):
         "spacing": np.linalg.norm(affine[:3, :3], axis=0).tolist(),
         "keypoints": [read_keypoints(rec[k]) for k in ("fixed_keypoints", "moving_keypoints")],
         "truth": None if truth is None else np.moveaxis(truth, -1, 0),
+        "ids": sorted(set(mapping.values()) - {0}),
     }
 
 
-def bundle_solver(variant: str):
-    """The ``segreg_thorax`` bundle's IterativeSegReg, built from its inference config (progress bar off)."""
+def bundle_config(variant: str = "segreg"):
+    """The ``segreg_thorax`` bundle's inference config, parsed (progress bar off, ``variant`` set)."""
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
@@ -97,7 +92,12 @@ def bundle_solver(variant: str):
     parser["variant"] = variant
     parser["progress"] = False
     parser.get_parsed_content("imports")
-    return parser.get_parsed_content("inferer").optimiser
+    return parser
+
+
+def bundle_solver(variant: str):
+    """The ``segreg_thorax`` bundle's IterativeSegReg, built from its inference config."""
+    return bundle_config(variant).get_parsed_content("inferer").optimiser
 
 
 def register(method: str, pair: dict, device) -> tuple:
@@ -121,7 +121,6 @@ def worker(method: str, rec: dict, threads: int, device: str = "cpu") -> dict:
 
     from custom.evaluation import epe_metrics
     from custom.metrics import dice_per_label, tre_mm, warp_labels
-    from custom.regions import load_merge_map
 
     torch.set_num_threads(threads)
     dev = torch.device(device)
@@ -136,7 +135,7 @@ def worker(method: str, rec: dict, threads: int, device: str = "cpu") -> dict:
     row["peak_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     if dev.type == "cuda":
         row["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
-    ids = sorted({int(v) for v in load_merge_map(bundle_merge_map())["map"].values()} - {0})
+    ids = pair["ids"]
     dice = dice_per_label(warp_labels(pair["moving_label"], ddf), pair["fixed_label"], ids, pair["moving_label"])
     row["dice"] = float(np.nanmean(dice.numpy()))
     row["tre_mm"] = float(tre_mm(ddf, *pair["keypoints"], pair["spacing"]).mean())
