@@ -5,6 +5,8 @@ Built from the physics and the published descriptions of cone-beam CT, not from 
 - **Upper abdomen.** A thoracic CBCT covers the liver dome, the stomach (with its gas bubble), the spleen and the
   upper poles of the kidneys (TotalSegmentator v2 ids). They sit under the diaphragm, move with it (cranio-caudally,
   less the further they lie from it: kidneys about half as much) and slide along a chest wall that barely moves.
+  Solid organs move rigidly and keep their volume: where one moved away, the space it left shows unlabelled body
+  tissue, never a static second copy of the organ (:func:`sliding_state`).
 - **Lung density follows inflation.** Lung tissue keeps its mass: ``(HU + 1000)`` scales with the local volume change,
   ``(HU_f + 1000) = (HU_m + 1000) det J`` (``J`` of the fixed -> moving map), so the same lung looks different at
   another breathing state.
@@ -24,6 +26,7 @@ from scipy.ndimage import gaussian_filter
 
 from custom.metrics import jacobian_determinant
 from custom.synthetic.motion import compose_sliding, ellipsoid, identity_grid, sample, smooth_noise
+from custom.synthetic.thorax import HU
 
 # (TotalSegmentator v2 id, centre and radii as fractions of the grid, HU, share of the diaphragm's motion)
 ORGANS = {
@@ -80,14 +83,29 @@ def det_jacobian(ddf: np.ndarray) -> np.ndarray:
     return jacobian_determinant(torch.as_tensor(np.asarray(ddf, np.float32))[None], border=0)[0].numpy()
 
 
-def render_state(label: np.ndarray, fbct: np.ndarray, ddf: np.ndarray) -> np.ndarray:
+def render_state(label: np.ndarray, fbct: np.ndarray, ddf: np.ndarray, gap: np.ndarray | None = None) -> np.ndarray:
     """The anatomy at the state ``ddf`` maps to: the FBCT sampled at ``x + ddf(x)``, lung density by mass
-    conservation."""
+    conservation, the ``gap`` voxels (see :func:`sliding_state`) filled with the body's unlabelled tissue (fat)."""
     img = sample(fbct, ddf, order=1)
     lung = np.isin(sample(label, ddf, order=0), LUNG_IDS)
     density = np.clip(det_jacobian(ddf), 0.5, 2.0)
     img[lung] = (img[lung] + 1000.0) * density[lung] - 1000.0
+    if gap is not None:
+        img[gap] = HU["fat"]
     return img
+
+
+def sliding_state(label: np.ndarray, fields: dict, wall: np.ndarray, order) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(ddf, label, gap)`` of one breathing state: every organ with a field of its own shows only where that field
+    brought it. Where an organ moved away (the liver under a descending diaphragm) the chest wall's field would
+    sample the organ a second time, a static copy that breaks its rigid motion and grows its volume; those ``gap``
+    voxels become unlabelled body tissue instead, with the wall's motion (``custom.synthetic.abdomen`` does the same).
+    """
+    ddf, owner = compose_sliding(label, fields, wall, order, return_owner=True)
+    state = sample(label, ddf, order=0).astype(np.uint8)
+    gap = (owner == 0) & np.isin(state, list(fields))
+    state[gap] = 0
+    return ddf, state, gap
 
 
 def cone_beam_pair(label, fbct, fields: dict, wall, order, amplitude: float, rng: np.random.Generator):
@@ -99,12 +117,11 @@ def cone_beam_pair(label, fbct, fields: dict, wall, order, amplitude: float, rng
     shape = label.shape
     fields = {**fields, **abdomen_fields(label, fields)}
     order = list(order) + [v[0] for v in ORGANS.values() if v[0] in fields]
-    ddf = compose_sliding(label, fields, wall, order)
-    cb_label = sample(label, ddf, order=0).astype(np.uint8)
+    ddf, cb_label, gap = sliding_state(label, fields, wall, order)
     img = np.zeros(shape, np.float32)
     for s in PHASES:  # breathing blur: the scan averages the amplitudes it saw
-        phase = ddf if s == 1.0 else compose_sliding(label, scaled(fields, wall, s), wall, order)
-        img += render_state(label, fbct, phase) / len(PHASES)
+        state = (ddf, cb_label, gap) if s == 1.0 else sliding_state(label, scaled(fields, wall, s), wall, order)
+        img += render_state(label, fbct, state[0], state[2]) / len(PHASES)
     g = identity_grid(shape)
     X, Y, Z = shape
     radius = 0.40 * X
