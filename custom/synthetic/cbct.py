@@ -95,7 +95,9 @@ def render_state(label: np.ndarray, fbct: np.ndarray, ddf: np.ndarray, gap: np.n
     return img
 
 
-def sliding_state(label: np.ndarray, fields: dict, wall: np.ndarray, order) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def sliding_state(
+    label: np.ndarray, fields: dict, wall: np.ndarray, order
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(ddf, label, gap)`` of one breathing state: every organ with a field of its own shows only where that field
     brought it. Where an organ moved away (the liver under a descending diaphragm) the chest wall's field would
     sample the organ a second time, a static copy that breaks its rigid motion and grows its volume; those ``gap``
