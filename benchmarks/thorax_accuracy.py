@@ -7,7 +7,8 @@ The pairs: every subject's two CBCT -> FBCT pairs of ``make_thorax(realism="cbct
 diaphragm, lung density that follows inflation, cone-beam artefacts, a field of view narrower than the body), at 80 x 64
 x 64 x 4 mm and at 96 x 80 x 96 x 3 mm. The methods, each on the same pairs and scored by one scorer: the training-free
 SegReg with the ``segreg_thorax`` bundle's settings and the ground-truth TotalSegmentator-style labels merged by the
-``seed13`` or the ``extended`` region set; the same solver with one global field (its mask loss on every
+``seed13`` or the ``extended`` region set (and the ``extended`` set with the fixed labels cut at the CBCT field of
+view, as a segmentation of the CBCT itself would be); the same solver with one global field (its mask loss on every
 TotalSegmentator label, as in ``peer_accuracy.py``); ConvexAdam with and without the field-of-view mask, ANTs SyN and
 elastix B-spline with their defaults (``benchmarks/peers.py``; masks as in ``peer_accuracy.py``), and ANTs SyN with
 every level run (antspyx's default iterations (40, 20, 0) stop at half resolution). Columns (:func:`score`): TRE over
@@ -43,6 +44,7 @@ METHODS = {
     "none": "no registration",
     "seed13": "SegReg, seed13 regions",
     "extended": "SegReg, extended regions",
+    "extended_cut": "SegReg, extended regions, fixed labels end at the FOV",
     "global": "SegReg solver, one global region",
     "convexadam": "ConvexAdam + FOV mask",
     "convexadam_nomask": "ConvexAdam, no mask",
@@ -102,8 +104,10 @@ def score(disp: np.ndarray, rec: dict, band_mm: float = 8.0) -> dict:
 
 def register(method: str, rec: dict, maps: dict, tmp: Path) -> np.ndarray:
     """Displacement ``(3, *S)`` of ``method`` on the pair ``rec``."""
-    if method in ("seed13", "extended"):
-        labels = ground_truth_labels(rec, maps[method])
+    if method in ("seed13", "extended", "extended_cut"):
+        labels = ground_truth_labels(rec, maps[method.replace("_cut", "")])
+        if method == "extended_cut":  # a segmentation of the CBCT itself stops at its field of view
+            labels["fixed_label"][nib.load(rec["fixed_image"]).get_fdata() <= -1000] = 0
         return register_with_labels(rec, labels, dict(THORAX_SETTINGS), tmp)[0].numpy()
     if method == "ants_syn_full":
         return peer_displacement("ants_syn", "thorax", rec, None, None, tmp, reg_iterations=(100, 70, 50))

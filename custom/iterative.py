@@ -154,7 +154,12 @@ class IterativeSegReg:
         min_size: an axis is never downsampled below this many voxels (thin axes such as 16 cine-MR slices).
         fov_value: fixed-image intensity at or below which a voxel lies outside the scanner's field of view (e.g. the
             padding of a cone-beam CT); a region with less than half of its fixed mask inside the field of view is
-            registered by the mask loss and regulariser only. ``None`` disables the check.
+            registered by the mask loss and regulariser only, and the similarity has weight 0 outside the field of
+            view (the fixed image holds no anatomy there). ``None`` disables both.
+        mask_fov: where the mask loss counts (needs ``fov_value``): ``True`` only inside the fixed field of view, for
+            fixed segmentations that end at it (made on the CBCT itself: outside it they are empty, not background);
+            ``False`` everywhere; "auto" (default) decides per pair: ``True`` when under 1 % of the fixed labelled
+            voxels lie outside the field of view while it leaves out at least 1 % of the image (logged).
         min_region_voxels: the first level is skipped for a region whose fixed mask covers fewer voxels at that
             resolution (small or thin structures vanish when downsampled); at the later levels such a region is
             optimised at a finer resolution (up to the image's) that keeps this many mask voxels.
@@ -228,6 +233,7 @@ class IterativeSegReg:
         num_threads: int | None = None,
         centroid_init: float = 0.5,
         mask_only_levels: int | None = None,
+        mask_fov: bool | str = "auto",
     ) -> None:
         if field not in ("displacement", "velocity"):
             raise ValueError(f"field must be 'displacement' or 'velocity', got {field!r}")
@@ -250,6 +256,9 @@ class IterativeSegReg:
         self.min_size = max(2, int(min_size))
         self.min_region_voxels = int(min_region_voxels)
         self.fov_value = fov_value
+        self.mask_fov = auto_or_bool(mask_fov, "mask_fov")
+        self.pair_fov: torch.Tensor | None = None  # the fixed field of view of the pair being registered
+        self.pair_mask_fov = False  # whether that pair's mask loss counts inside it only
         self.lr, self.margin = lr, margin
         self.region_ids = None if region_ids is None else [int(r) for r in region_ids]
         self.global_region, self.progress = as_bool(global_region, "global_region"), as_bool(progress, "progress")
@@ -331,6 +340,9 @@ class IterativeSegReg:
         if not task.region or self.centroid_init <= 0:
             return None
         fm, mm = plan.mask("fixed", task.index)[0, 0], plan.mask("moving", task.index)[0, 0]
+        if self.pair_mask_fov:  # the fixed mask ends at the field of view: compare the parts inside it
+            fov = plan.crop(self.pair_fov, task.index)[0, 0]
+            fm, mm = fm * fov, mm * fov
         total_f, total_m = fm.sum(), mm.sum()
         if total_f == 0 or total_m == 0 or 2 * (fm * mm).sum() / (total_f + total_m) >= self.centroid_init:
             return None
@@ -374,6 +386,7 @@ class IterativeSegReg:
         once."""
         i = task.index
         fm, mm = resize(plan.mask("fixed", i), size), resize(plan.mask("moving", i), size)
+        fov = None if self.pair_fov is None else resize(plan.crop(self.pair_fov, i), size)
         weight = None
         if task.use_similarity:
             fi = resize(plan.masked_image("fixed", fixed, i), size)
@@ -383,17 +396,25 @@ class IterativeSegReg:
                     weight = self.loss.sim.weight(fi, noise_var)
                 if self.features is not None:
                     fi, mi = self.features(fi), self.features(mi)
+                if fov is not None and self.features is not None:  # no image outside the field of view
+                    weight = fov if weight is None else weight * fov
         else:  # no image term (outside the field of view): only the masks are warped
             fi = mi = fm[:, :0]
         fe = me = None
         if self.loss.needs_edt:
             fe, me = (normalised_edt(m[0].cpu(), sampling=spacing)[None].to(m.device) for m in (fm, mm))
+        domain = fov if self.pair_mask_fov else None  # the mask loss counts inside the field of view only
+        targets = fm if domain is None else fm * domain
+        if fe is not None and domain is not None:
+            fe = fe * domain
         moving_stack = [mi] + ([mm] if self.loss.needs_mask else []) + ([me] if me is not None else [])
         rm = None
         if task.region:
             rm = self.reg_mask(fm)
             rm = None if rm is None else (rm > 0.5).float()
-        return RegionLevel(i, fi, torch.cat(moving_stack, 1), fm, fe, rm, list(spacing), task.use_similarity, weight)
+        return RegionLevel(
+            i, fi, torch.cat(moving_stack, 1), targets, fe, rm, list(spacing), task.use_similarity, weight, domain
+        )
 
     def _batched_terms(self):
         """Per-region (``reduction="none"``) copies of the mask loss and regulariser when they can score a padded batch
@@ -420,6 +441,8 @@ class IterativeSegReg:
                 batch.cache["sim_norm"] = batch.valid.flatten(1).sum(1) * n_img
             sq = (warped[:, :n_img] - batch.fixed).square() * batch.sim_weight
             sims = sq.flatten(1).sum(1) / batch.cache["sim_norm"]
+        if batch.mask_domain is not None:  # warped masks (and EDT maps) count inside the field of view only
+            warped = torch.cat([warped[:, :n_img], warped[:, n_img:] * batch.mask_domain], 1)
         if self.batched_terms is not None and (n_img == 0 or self.features is not None):
             dice, diffusion = self.batched_terms
             mask = dice(warped[:, n_img : n_img + n_mask], batch.fixed_masks).flatten(1).mean(1)
@@ -538,6 +561,29 @@ class IterativeSegReg:
         for b, (k, _) in enumerate(members):
             fields[k] = batch.crop(out, b).detach()
 
+    def set_field_of_view(self, fixed: torch.Tensor, fixed_label: torch.Tensor) -> None:
+        """The pair's field of view (``fixed > fov_value``, ``(1, 1, *S)``; ``None`` without ``fov_value``) and whether
+        its mask loss counts inside it only (``mask_fov``; "auto": the fixed labels end at the field of view)."""
+        self.pair_fov, self.pair_mask_fov = None, False
+        if self.fov_value is None:
+            return
+        fov = fixed > self.fov_value
+        self.pair_fov = fov.float()
+        if self.mask_fov != "auto":
+            self.pair_mask_fov = bool(self.mask_fov)
+            return
+        labelled = plain(fixed_label) > 0
+        outside = float((labelled & ~fov).sum()) / max(float(labelled.sum()), 1.0)
+        missing = 1.0 - float(fov.float().mean())
+        self.pair_mask_fov = outside < 0.01 and missing >= 0.01
+        if self.pair_mask_fov:
+            logger.info(
+                "mask_fov='auto': the fixed labels end at the field of view (%.2f %% of them outside it, %.0f %% of the"
+                " image outside it): the mask loss counts inside the field of view only",
+                100 * outside,
+                100 * missing,
+            )
+
     def set_frozen(self, components: Sequence[int]) -> None:
         """Hold these displacement components at 0 (the pair's in-plane decision plus ``frozen_components``)."""
         self.frozen_components = sorted({int(c) for c in components})
@@ -571,6 +617,7 @@ class IterativeSegReg:
         self.set_frozen(self.base_frozen + list(frozen))
         self.last_profile = {}
         with self.phase("plan"):
+            self.set_field_of_view(fixed, fixed_label)
             plan = self.plan(fixed_label, moving_label)
             tasks = self.tasks(plan, fixed)
         bar = tqdm(

@@ -93,7 +93,8 @@ class RegionLevel:
     ``moving`` stacks what is warped: moving features (or image), then the masks and EDT maps the mask loss needs.
     ``fixed_masks`` / ``fixed_edt`` are the mask-loss targets, ``reg_mask`` the regulariser's domain (``None`` = the
     whole crop), ``spacing`` the level's voxel size (mm), ``sim_weight`` ``(1, 1, *s)`` the per-voxel weight of the
-    similarity (``None`` = 1; see :meth:`custom.mind.MINDSSCLoss.weight`).
+    similarity (``None`` = 1; see :meth:`custom.mind.MINDSSCLoss.weight`), ``mask_domain`` ``(1, 1, *s)`` where the
+    mask loss counts (``None`` = everywhere; the fixed field of view for segmentations that end at it).
     """
 
     index: int
@@ -105,6 +106,7 @@ class RegionLevel:
     spacing: list[float]
     use_similarity: bool = True
     sim_weight: torch.Tensor | None = None
+    mask_domain: torch.Tensor | None = None
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -117,7 +119,8 @@ class RegionBatch:
     ``fixed_masks`` ``(G, C, *S)``, ``fixed_edt`` or ``None``, ``valid`` ``(G, 1, *S)`` (1 inside each region's real
     crop), ``reg_domain`` ``(G, 1, *S)`` (each regulariser domain: its ``reg_mask``, or its whole crop), ``sim_weight``
     ``(G, 1, *S)`` (each voxel's similarity weight, 0 in the padding: ``valid`` where no region is weighted),
-    ``regions`` the list of :class:`RegionLevel` in batch order, ``cache`` what a solver derives from them once
+    ``mask_domain`` ``(G, 1, *S)`` or ``None`` (see :class:`RegionLevel`), ``regions`` the list of
+    :class:`RegionLevel` in batch order, ``cache`` what a solver derives from them once
     (e.g. the regulariser's border weights)."""
 
     regions: list[RegionLevel]
@@ -128,6 +131,7 @@ class RegionBatch:
     valid: torch.Tensor
     reg_domain: torch.Tensor
     sim_weight: torch.Tensor
+    mask_domain: torch.Tensor | None = None
     cache: dict = field(default_factory=dict)
 
     @classmethod
@@ -148,7 +152,11 @@ class RegionBatch:
         moving = cat("moving")
         if moving.ndim == 5:  # grid_sample reads all channels of a corner together: ~20 % faster channels-last
             moving = moving.contiguous(memory_format=torch.channels_last_3d)
-        fields = (cat("fixed"), moving, cat("fixed_masks"), cat("fixed_edt"), valid, domain, weight)
+        mask_domain = None
+        if any(r.mask_domain is not None for r in regions):
+            parts = [torch.ones_like(r.fixed_masks[:, :1]) if r.mask_domain is None else r.mask_domain for r in regions]
+            mask_domain = torch.cat([pad_to(d, size) for d in parts])
+        fields = (cat("fixed"), moving, cat("fixed_masks"), cat("fixed_edt"), valid, domain, weight, mask_domain)
         return cls(list(regions), *fields)
 
     def __len__(self) -> int:

@@ -122,6 +122,7 @@ def iterative_registration(
     in_plane: bool | str = "auto",
     grid_spacing: int = 2,
     mask_only_levels: int | None = None,
+    mask_fov: bool | str = "auto",
 ) -> dict:
     """Training-free SegReg of one pair (MIND-SSC + Dice + L2 within regions) in the fixed image's physical space.
 
@@ -136,7 +137,8 @@ def iterative_registration(
     MIND-SSC). ``in_plane`` ("auto", True, False): hold the slice axis' displacement at 0, decided on the
     registration grid (:func:`custom.geometry.in_plane_components`; "auto" says so in one printed line).
     ``grid_spacing``: control points every this many voxels of each level; ``mask_only_levels``: the levels at which
-    regions outside the field of view are optimised (see ``IterativeSegReg``).
+    regions outside the field of view are optimised; ``mask_fov``: whether the mask loss counts inside the field of
+    view only ("auto": when the fixed labels end at it; see ``IterativeSegReg``).
     """
     from monai.losses import DiceLoss
     from monai.transforms import Compose, ScaleIntensityRanged, ScaleIntensityRangePercentilesd
@@ -199,6 +201,7 @@ def iterative_registration(
         sigma=sigma,
         grid_spacing=grid_spacing,
         mask_only_levels=mask_only_levels,
+        mask_fov=mask_fov,
         num_threads=4,  # small crops: more CPU threads add CPU time, not speed
     )
     with torch.enable_grad():

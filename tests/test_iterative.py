@@ -1,9 +1,11 @@
+import numpy as np
 import pytest
 import torch
 from conftest import requires_cuda
 from monai.losses import DiceLoss, LocalNormalizedCrossCorrelationLoss
 from monai.networks.blocks import Warp
 from phantoms import sliding_slabs
+from scipy.ndimage import gaussian_filter
 
 from custom.iterative import IterativeSegReg
 from custom.losses import EDTDiceLoss, RegionDiffusionLoss, SegRegLoss
@@ -101,6 +103,46 @@ def test_region_outside_the_fixed_field_of_view_drops_the_similarity_term():
     assert level.fixed.shape[1] == 0 and level.moving.shape[1] == 1
     tasks = IterativeSegReg(progress=False).tasks(plan, fixed)
     assert all(t.use_similarity for t in tasks)
+
+
+def fov_cut_pair(shift=2):
+    """A textured box organ translated by ``-shift`` voxels along z (fixed -> moving: ``ddf_z = -shift``); the fixed
+    image and its label end at a field of view (z >= 18 is scanner padding, 0), the moving ones do not."""
+    rng = np.random.default_rng(0)
+    texture = gaussian_filter(rng.standard_normal((24, 24, 40)), 1.5)
+    texture = (texture - texture.min()) / (texture.max() - texture.min())
+    label = np.zeros((24, 24, 40))
+    label[6:18, 6:18, 8:30] = 1
+    image = 0.2 + 0.05 * texture + 0.3 * label
+    fixed, fixed_lab = image[..., 4:36].copy(), label[..., 4:36].copy()
+    moving, moving_lab = image[..., 4 + shift : 36 + shift], label[..., 4 + shift : 36 + shift]
+    fixed[..., 18:] = fixed_lab[..., 18:] = 0.0
+    return [torch.as_tensor(a, dtype=torch.float32)[None, None] for a in (fixed, moving, fixed_lab, moving_lab)]
+
+
+def test_segmentations_that_end_at_the_field_of_view_count_inside_it_only():
+    # a CBCT segmentation stops at the scanner's field of view; counting the mask loss outside it reads the cut as
+    # the organ's border and shrinks the motion (about 10 % here); inside it only, the translation is recovered
+    fixed, moving, fixed_lab, moving_lab = fov_cut_pair()
+    inside = fixed_lab[0, 0] > 0
+    errors = {}
+    for mask_fov in ("auto", False):
+        reg = IterativeSegReg(levels=(2, 1), iterations=(40, 20), fov_value=0.0, mask_fov=mask_fov, **FREE)
+        ddf = reg(fixed, moving, fixed_lab, moving_lab)["ddf"]
+        assert reg.pair_mask_fov == (mask_fov == "auto")  # auto: no fixed label outside the field of view
+        errors[mask_fov] = abs(float(ddf[0, 2][inside].mean()) + 2.0)
+    assert errors["auto"] < 0.1 and errors[False] > 0.15, errors
+    # labels that reach outside the field of view (e.g. propagated from a planning CT) keep the loss everywhere
+    full = fixed_lab.clone()
+    full[..., 18:] = moving_lab[..., 16:30]
+    reg = IterativeSegReg(levels=(2,), iterations=(1,), fov_value=0.0, **FREE)
+    reg(fixed, moving, full, moving_lab)
+    assert not reg.pair_mask_fov
+    reg = IterativeSegReg(levels=(2,), iterations=(1,), **FREE)  # no field of view to count in
+    reg(fixed, moving, fixed_lab, moving_lab)
+    assert reg.pair_fov is None and not reg.pair_mask_fov
+    with pytest.raises(ValueError, match="mask_fov"):
+        IterativeSegReg(mask_fov="sometimes")
 
 
 @pytest.mark.parametrize("mask_only_levels", [None, 1])
