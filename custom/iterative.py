@@ -154,8 +154,7 @@ class IterativeSegReg:
         min_size: an axis is never downsampled below this many voxels (thin axes such as 16 cine-MR slices).
         fov_value: fixed-image intensity at or below which a voxel lies outside the scanner's field of view (e.g. the
             padding of a cone-beam CT); a region with less than half of its fixed mask inside the field of view is
-            registered by the mask loss and regulariser only, and the similarity has weight 0 outside the field of
-            view (the fixed image holds no anatomy there). ``None`` disables both.
+            registered by the mask loss and regulariser only. ``None`` disables the check.
         mask_fov: where the mask loss counts (needs ``fov_value``): ``True`` only inside the fixed field of view, for
             fixed segmentations that end at it (made on the CBCT itself: outside it they are empty, not background);
             ``False`` everywhere; "auto" (default) decides per pair: ``True`` when under 1 % of the fixed labelled
@@ -396,8 +395,6 @@ class IterativeSegReg:
                     weight = self.loss.sim.weight(fi, noise_var)
                 if self.features is not None:
                     fi, mi = self.features(fi), self.features(mi)
-                if fov is not None and self.features is not None:  # no image outside the field of view
-                    weight = fov if weight is None else weight * fov
         else:  # no image term (outside the field of view): only the masks are warped
             fi = mi = fm[:, :0]
         fe = me = None
