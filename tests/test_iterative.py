@@ -105,6 +105,9 @@ def test_region_outside_the_fixed_field_of_view_drops_the_similarity_term():
     assert all(t.use_similarity for t in tasks)
 
 
+MASKS_ONLY = {"sim": 0.0, "mask": 1.0, "reg": 1.0}
+
+
 def fov_cut_pair(shift=2):
     """A textured box organ translated by ``-shift`` voxels along z (fixed -> moving: ``ddf_z = -shift``); the fixed
     image and its label end at a field of view (z >= 18 is scanner padding, 0), the moving ones do not."""
@@ -122,16 +125,27 @@ def fov_cut_pair(shift=2):
 
 def test_segmentations_that_end_at_the_field_of_view_count_inside_it_only():
     # a CBCT segmentation stops at the scanner's field of view; counting the mask loss outside it reads the cut as
-    # the organ's border and shrinks the motion (about 10 % here); inside it only, the translation is recovered
+    # the organ's border and shrinks the motion; inside it only, the translation is recovered (mask loss and
+    # regulariser alone, so that the check is of the mask term)
     fixed, moving, fixed_lab, moving_lab = fov_cut_pair()
     inside = fixed_lab[0, 0] > 0
     errors = {}
+    masks_only = SegRegLoss(MINDSSCLoss(), DiceLoss(include_background=True), RegionDiffusionLoss(), MASKS_ONLY)
     for mask_fov in ("auto", False):
-        reg = IterativeSegReg(levels=(2, 1), iterations=(40, 20), fov_value=0.0, mask_fov=mask_fov, **FREE)
+        reg = IterativeSegReg(
+            levels=(2, 1),
+            iterations=(40, 20),
+            fov_value=0.0,
+            mask_fov=mask_fov,
+            loss=masks_only,
+            reg_domain="box",
+            lr=0.3,
+            progress=False,
+        )
         ddf = reg(fixed, moving, fixed_lab, moving_lab)["ddf"]
         assert reg.pair_mask_fov == (mask_fov == "auto")  # auto: no fixed label outside the field of view
         errors[mask_fov] = abs(float(ddf[0, 2][inside].mean()) + 2.0)
-    assert errors["auto"] < 0.1 and errors[False] > 0.15, errors
+    assert errors["auto"] < 0.25 and errors[False] > 1.0, errors  # counted everywhere, it moves the wrong way
     # labels that reach outside the field of view (e.g. propagated from a planning CT) keep the loss everywhere
     full = fixed_lab.clone()
     full[..., 18:] = moving_lab[..., 16:30]
