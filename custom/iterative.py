@@ -385,7 +385,6 @@ class IterativeSegReg:
         once."""
         i = task.index
         fm, mm = resize(plan.mask("fixed", i), size), resize(plan.mask("moving", i), size)
-        fov = None if self.pair_fov is None else resize(plan.crop(self.pair_fov, i), size)
         weight = None
         if task.use_similarity:
             fi = resize(plan.masked_image("fixed", fixed, i), size)
@@ -400,7 +399,9 @@ class IterativeSegReg:
         fe = me = None
         if self.loss.needs_edt:
             fe, me = (normalised_edt(m[0].cpu(), sampling=spacing)[None].to(m.device) for m in (fm, mm))
-        domain = fov if self.pair_mask_fov else None  # the mask loss counts inside the field of view only
+        domain = None  # where the mask loss counts: everywhere, or inside the field of view only (mask_fov)
+        if self.pair_mask_fov:
+            domain = resize(plan.crop(self.pair_fov, i), size)
         targets = fm if domain is None else fm * domain
         if fe is not None and domain is not None:
             fe = fe * domain
