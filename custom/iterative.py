@@ -256,6 +256,8 @@ class IterativeSegReg:
         self.min_region_voxels = int(min_region_voxels)
         self.fov_value = fov_value
         self.mask_fov = auto_or_bool(mask_fov, "mask_fov")
+        if self.mask_fov is True and fov_value is None:
+            raise ValueError("mask_fov=True counts the mask loss inside the field of view: give fov_value as well")
         self.pair_fov: torch.Tensor | None = None  # the fixed field of view of the pair being registered
         self.pair_mask_fov = False  # whether that pair's mask loss counts inside it only
         self.lr, self.margin = lr, margin
@@ -560,21 +562,21 @@ class IterativeSegReg:
             fields[k] = batch.crop(out, b).detach()
 
     def set_field_of_view(self, fixed: torch.Tensor, fixed_label: torch.Tensor) -> None:
-        """The pair's field of view (``fixed > fov_value``, ``(1, 1, *S)``; ``None`` without ``fov_value``) and whether
-        its mask loss counts inside it only (``mask_fov``; "auto": the fixed labels end at the field of view)."""
+        """Whether the pair's mask loss counts inside its field of view only (``mask_fov``; "auto": the fixed labels
+        end at it) and, if so, that field of view (``fixed > fov_value``, ``(1, 1, *S)``; else ``None``)."""
         self.pair_fov, self.pair_mask_fov = None, False
         if self.fov_value is None:
             return
         fov = fixed > self.fov_value
-        self.pair_fov = fov.float()
         if self.mask_fov != "auto":
             self.pair_mask_fov = bool(self.mask_fov)
-            return
-        labelled = plain(fixed_label) > 0
-        outside = float((labelled & ~fov).sum()) / max(float(labelled.sum()), 1.0)
-        missing = 1.0 - float(fov.float().mean())
-        self.pair_mask_fov = outside < 0.01 and missing >= 0.01
-        if self.pair_mask_fov:
+        else:
+            labelled = plain(fixed_label) > 0
+            outside = float((labelled & ~fov).sum()) / max(float(labelled.sum()), 1.0)
+            missing = 1.0 - float(fov.float().mean())
+            self.pair_mask_fov = outside < 0.01 and missing >= 0.01
+        self.pair_fov = fov.float() if self.pair_mask_fov else None
+        if self.pair_mask_fov and self.mask_fov == "auto":
             logger.info(
                 "mask_fov='auto': the fixed labels end at the field of view (%.2f %% of them outside it, %.0f %% of the"
                 " image outside it): the mask loss counts inside the field of view only",

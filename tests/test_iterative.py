@@ -157,6 +157,8 @@ def test_segmentations_that_end_at_the_field_of_view_count_inside_it_only():
     assert reg.pair_fov is None and not reg.pair_mask_fov
     with pytest.raises(ValueError, match="mask_fov"):
         IterativeSegReg(mask_fov="sometimes")
+    with pytest.raises(ValueError, match="fov_value"):
+        IterativeSegReg(mask_fov=True)
 
 
 @pytest.mark.parametrize("mask_only_levels", [None, 1])
