@@ -206,12 +206,13 @@ def check_output_dir(path: str | os.PathLike, create: bool = True) -> Path:
 
 
 def root_cause(err: BaseException) -> BaseException:
-    """The innermost :class:`InputError` of an exception chain, else the innermost exception."""
+    """The innermost :class:`InputError` of an exception chain, else the innermost exception. An error raised
+    ``from None`` ends the chain: it replaced what it hides (e.g. a message listing more accepted values)."""
     chain, seen = [], set()
     while err is not None and id(err) not in seen:
         seen.add(id(err))
         chain.append(err)
-        err = err.__cause__ or err.__context__
+        err = err.__cause__ or (None if err.__suppress_context__ else err.__context__)
     for e in reversed(chain):
         if isinstance(e, InputError):
             return e

@@ -19,7 +19,7 @@ from test_register_cli import RAS, shifted_pair
 
 from custom.flags import as_bool, auto_or_bool, check_flags, optional, optional_float
 from custom.synthetic.thorax import make_thorax
-from custom.validation import InputError
+from custom.validation import InputError, root_cause
 
 FALSE = ["false", "False", "0", "no"]
 TRUE = ["true", "True", "1", "yes"]
@@ -47,8 +47,12 @@ def test_every_spelling_reads_as_the_boolean_it_means_and_others_are_refused_by_
         with pytest.raises(InputError, match="--overwrite takes true or false"):
             as_bool(bad, "overwrite")
     assert auto_or_bool("AUTO", "in_plane") == "auto" and auto_or_bool("no", "in_plane") is False
-    with pytest.raises(InputError, match="--in_plane takes auto, true or false"):
+    with pytest.raises(InputError, match="--in_plane takes auto, true or false") as refused:
         auto_or_bool("sometimes", "in_plane")
+    # the one-line summary under a bundle's traceback names the same values (not the hidden as_bool message)
+    wrapped = RuntimeError("Failed to evaluate ConfigExpression")
+    wrapped.__cause__ = refused.value
+    assert "takes auto, true or false" in str(root_cause(wrapped))
     assert optional("None") is None and optional("null") is None and optional_float("none", "g") is None
     assert optional_float("2", "g") == 2.0
     with pytest.raises(InputError, match="--noise_gate takes a number or none"):
