@@ -40,7 +40,7 @@ MODES = {
     "no registration": None,
     "SegReg per region (box)": {"reg_domain": "box"},
     "SegReg per region (region)": {"reg_domain": "region"},
-    "SegReg per region (region, sigma 2)": {"reg_domain": "region", "sigma": 2.0},
+    "SegReg per region (region, sigma 2 mm)": {"reg_domain": "region", "sigma_mm": 2.0},
     "global (one region)": {"global_region": True},
 }
 
@@ -128,7 +128,8 @@ def main() -> None:
         "Training-free mode, ground-truth labels, means over the test pairs (2 CPU cores; CPU s are indicative, the "
         "timed comparison with ConvexAdam is `iterative_speed.md`). 'box' and 'region' are "
         "the `reg_domain` settings: each region's field regularised over its whole crop or only inside its mask; "
-        "'sigma 2' smooths the composition weights (Gaussian, 2 voxels) so the fields blend at region borders. "
+        "'sigma 2 mm' smooths the composition weights (Gaussian of 2 mm: 2 / spacing voxels per axis) so the fields "
+        "blend at region borders. "
         "'EPE labelled' averages over the labelled structures of the fixed image (the organs), 'EPE border' over the "
         "2-voxel band around label borders. The first row scores the stored true motion itself. The similarity is "
         "MIND-SSC with the noise gate (2: voxels where the fixed image is flat up to its noise do not count; "

@@ -28,7 +28,7 @@ THORAX_SETTINGS = {
     "intensity_range": (-1000.0, 1000.0),
     "fov_value": 0.0,
     "reg_domain": "region",
-    "sigma": 2.0,
+    "sigma_mm": 2.0,
     "mask_only_levels": 2,
 }
 

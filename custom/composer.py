@@ -6,6 +6,7 @@ both go through :meth:`FieldComposer.paste` (via :class:`custom.plan.RegionPlan`
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -15,6 +16,20 @@ from monai.networks.layers import GaussianFilter
 def whole_box(spatial: Sequence[int]) -> tuple[slice, ...]:
     """The box that covers a whole grid of shape ``spatial``."""
     return tuple(slice(0, int(s)) for s in spatial)
+
+
+def composition_sigma(sigma: float | Sequence[float] | None) -> float | tuple[float, ...] | None:
+    """``sigma`` as a float or a tuple of per-axis floats (voxels); ``None`` for no smoothing (``None`` or all 0)."""
+    if sigma is None:
+        return None
+    values = [float(s) for s in sigma] if isinstance(sigma, Sequence) else [float(sigma)]
+    if any(not math.isfinite(v) or v < 0 for v in values):
+        raise ValueError(f"sigma must be >= 0 voxels (one value or one per axis), got {sigma!r}")
+    if not any(values):
+        return None
+    if any(v == 0 for v in values):
+        raise ValueError(f"sigma {sigma!r} is 0 on some axes only: give a positive value per axis, or 0 everywhere")
+    return tuple(values) if isinstance(sigma, Sequence) else values[0]
 
 
 class FieldComposer(torch.nn.Module):
@@ -27,22 +42,27 @@ class FieldComposer(torch.nn.Module):
     and weights; no host round trip.
 
     Args:
-        sigma: if set, the weights are first smoothed with a Gaussian of this standard deviation (voxels), then
-            renormalised to sum to 1 at every voxel (see :meth:`prepare_weights`). ``None`` uses them as given.
+        sigma: if set, the weights are first smoothed with a Gaussian of this standard deviation (voxels; one value, or
+            one per spatial axis for a blending width in mm on anisotropic voxels: ``sigma_mm / spacing``), then
+            renormalised to sum to 1 at every voxel (see :meth:`prepare_weights`). ``None`` (or 0) uses them as given.
         normalise: renormalise the weights to sum to 1 even without smoothing (for soft probabilities).
     """
 
-    def __init__(self, sigma: float | None = None, normalise: bool = False, eps: float = 1e-6) -> None:
+    def __init__(
+        self, sigma: float | Sequence[float] | None = None, normalise: bool = False, eps: float = 1e-6
+    ) -> None:
         super().__init__()
-        self.sigma = sigma
-        self.normalise = normalise or sigma is not None
+        self.sigma = composition_sigma(sigma)
+        self.normalise = normalise or self.sigma is not None
         self.eps = eps
 
     def smooth(self, weights: torch.Tensor) -> torch.Tensor:
         """``(B, N, *S)`` weights smoothed with the Gaussian of ``sigma`` (unchanged without one), not renormalised."""
         w = weights.float()
-        if self.sigma is not None and self.sigma > 0:
+        if self.sigma is not None:
             spatial = w.ndim - 2
+            if not isinstance(self.sigma, float) and len(self.sigma) != spatial:
+                raise ValueError(f"sigma {self.sigma} gives {len(self.sigma)} axes, the weights have {spatial}")
             smooth = GaussianFilter(spatial_dims=spatial, sigma=self.sigma).to(w.device)
             w = smooth(w.reshape((-1, 1) + tuple(w.shape[2:]))).reshape(w.shape).clamp_min(0)
         return w

@@ -175,6 +175,8 @@ class IterativeSegReg:
             the region either way.
         sigma: Gaussian smoothing (voxels) of the composition weights: the sub-fields blend over about ``2 sigma``
             voxels at region borders instead of jumping (fewer folds; ``None`` = hard masks, the sliding kept exact).
+        sigma_mm: the same smoothing in mm (``sigma_mm / spacing`` voxels per axis, from each pair's spacing): one
+            blending width on 1 mm CT and on 4 mm or thick-slice data. Give ``sigma`` or ``sigma_mm``, not both.
         tolerance: a level stops when its loss improved by less than this fraction over the last ``patience`` steps
             (0 = always run every iteration).
         patience: the window (steps) of the early stop.
@@ -233,6 +235,7 @@ class IterativeSegReg:
         centroid_init: float = 0.5,
         mask_only_levels: int | None = None,
         mask_fov: bool | str = "auto",
+        sigma_mm: float | None = None,
     ) -> None:
         if field not in ("displacement", "velocity"):
             raise ValueError(f"field must be 'displacement' or 'velocity', got {field!r}")
@@ -278,6 +281,11 @@ class IterativeSegReg:
             )
         self.reg_domain = reg_domain
         self.sigma = None if sigma in (None, 0) else float(sigma)
+        self.sigma_mm = None if sigma_mm in (None, 0) else float(sigma_mm)
+        if self.sigma is not None and self.sigma_mm is not None:
+            raise ValueError(f"give sigma (voxels) or sigma_mm, not both: got {sigma} and {sigma_mm}")
+        if self.sigma_mm is not None and not (math.isfinite(self.sigma_mm) and self.sigma_mm > 0):
+            raise ValueError(f"sigma_mm must be a positive width in mm or None, got {sigma_mm!r}")
         self.tolerance, self.patience = float(tolerance), max(1, int(patience))
         self.max_padding = float(max_padding)
         if num_threads is not None and int(num_threads) < 1:
@@ -311,14 +319,23 @@ class IterativeSegReg:
             torch.set_num_threads(threads)
 
     # ----------------------------------------------------------------------------------------------------------
-    def plan(self, fixed_label, moving_label) -> RegionPlan:
+    def composition_sigma(self, spacing: Sequence[float]) -> float | tuple[float, ...] | None:
+        """The composer's smoothing in voxels: ``sigma``, or ``sigma_mm`` divided by ``spacing`` (mm) per axis."""
+        if self.sigma_mm is None:
+            return self.sigma
+        return tuple(self.sigma_mm / float(s) for s in spacing)
+
+    def plan(self, fixed_label, moving_label, spacing: Sequence[float] | None = None) -> RegionPlan:
+        """The region plan of a pair; ``spacing`` (mm per axis, 1 mm if not given) sets ``sigma_mm`` in voxels."""
+        if spacing is None:
+            spacing = [1.0] * (fixed_label.ndim - 2)
         return RegionPlan.build(
             fixed_label,
             moving_label,
             self.region_ids,
             self.margin,
             global_region=self.global_region,
-            composer=FieldComposer(sigma=self.sigma),
+            composer=FieldComposer(sigma=self.composition_sigma(spacing)),
         )
 
     def tasks(self, plan: RegionPlan, fixed) -> list[RegionTask]:
@@ -618,7 +635,7 @@ class IterativeSegReg:
         self.last_profile = {}
         with self.phase("plan"):
             self.set_field_of_view(fixed, fixed_label)
-            plan = self.plan(fixed_label, moving_label)
+            plan = self.plan(fixed_label, moving_label, spacing)
             tasks = self.tasks(plan, fixed)
         bar = tqdm(
             total=len(tasks) * sum(self.iterations), desc="IterativeSegReg", disable=not self.progress, leave=False

@@ -121,6 +121,7 @@ def iterative_registration(
     noise_gate: float | None = 2.0,
     in_plane: bool | str = "auto",
     grid_spacing: int = 2,
+    sigma_mm: float | None = None,
     mask_only_levels: int | None = None,
     mask_fov: bool | str = "auto",
 ) -> dict:
@@ -136,6 +137,7 @@ def iterative_registration(
     similarity the voxels where the fixed image is flat up to its noise (see ``MINDSSCLoss``; ``None``: plain
     MIND-SSC). ``in_plane`` ("auto", True, False): hold the slice axis' displacement at 0, decided on the
     registration grid (:func:`custom.geometry.in_plane_components`; "auto" says so in one printed line).
+    ``sigma`` / ``sigma_mm``: Gaussian smoothing of the composition weights in voxels or in mm (give one).
     ``grid_spacing``: control points every this many voxels of each level; ``mask_only_levels``: the levels at which
     regions outside the field of view are optimised; ``mask_fov``: whether the mask loss counts inside the field of
     view only ("auto": when the fixed labels end at it; see ``IterativeSegReg``).
@@ -199,6 +201,7 @@ def iterative_registration(
         reg_domain=reg_domain,
         fov_value=fov_value,
         sigma=sigma,
+        sigma_mm=sigma_mm,
         grid_spacing=grid_spacing,
         mask_only_levels=mask_only_levels,
         mask_fov=mask_fov,
@@ -235,6 +238,7 @@ def register(
     sigma: float | None = None,
     noise_gate: float | None = 2.0,
     overwrite: bool = False,
+    sigma_mm: float | None = None,
     progress: bool = True,
     transform: str | None = None,
     inverse: bool = False,
@@ -259,6 +263,8 @@ def register(
         reg_domain: where each region's field is regularised: "box" (its crop; default), "region" (inside its fixed
             mask only, as the paper) or a dilation in voxels (see ``custom.iterative.IterativeSegReg``).
         sigma: Gaussian smoothing (voxels) of the composition weights, e.g. 2: fewer folds at region borders.
+        sigma_mm: the same smoothing in mm (``sigma_mm / spacing`` voxels per axis), as the thorax bundle's
+            ``composition_sigma_mm``: one width on 1 mm CT and thick-slice MR. Give ``sigma`` or ``sigma_mm``.
         noise_gate: the similarity ignores voxels where the fixed image is flat up to this multiple of its noise (air
             around an MR body: without it the field there drifts by about a voxel); ``none`` for plain MIND-SSC.
         overwrite: replace existing outputs (true/false; default false: existing outputs stop the run before any
@@ -281,6 +287,9 @@ def register(
     if transform not in (None, "itk", "ants"):
         raise InputError(f"--transform must be itk, ants or none, got {transform!r}")
     sigma, noise_gate = optional_float(sigma, "sigma"), optional_float(noise_gate, "noise_gate")
+    sigma_mm = optional_float(sigma_mm, "sigma_mm")
+    if sigma is not None and sigma_mm is not None:
+        raise InputError("give --sigma (voxels) or --sigma_mm (mm), not both")
     if mode not in ("iterative", "global", "bundle"):
         raise InputError(f"--mode must be 'iterative', 'global' or 'bundle', got {mode!r}")
     check_output_dir(out_dir)  # before any work
@@ -314,6 +323,7 @@ def register(
         progress=progress,
         reg_domain=reg_domain,
         sigma=sigma,
+        sigma_mm=sigma_mm,
         noise_gate=noise_gate,
         in_plane=in_plane,
     )

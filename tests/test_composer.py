@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 from conftest import requires_cuda
@@ -73,3 +75,39 @@ def test_cropped_sub_fields_compose_like_whole_grid_ones():
     torch.testing.assert_close(out, ref)
     with pytest.raises(ValueError, match="does not fit"):
         FieldComposer()([crops[1], crops[0]], masks, boxes)
+
+
+def test_per_axis_sigma_blends_over_one_width_in_mm_on_any_spacing():
+    # analytic reference: a straight border smoothed with a Gaussian of sigma_mm gives its side the weight
+    # Phi(d / sigma_mm) at a voxel centre d mm from the border (MONAI's erf kernel integrates the Gaussian over each
+    # voxel, so this holds at voxel centres on any grid). Slices of 1 and 4 mm along the blended axis; with sigma in
+    # voxels (2 on both) the 4 mm grid would blend over 8 mm instead.
+    from custom.iterative import IterativeSegReg
+
+    sigma_mm = 2.0
+    for dz in (1.0, 4.0):
+        n = int(64 / dz)
+        label = torch.ones((1, 1, 6, 6, n), dtype=torch.int64)
+        label[..., n // 2 :] = 2
+        plan = IterativeSegReg(sigma_mm=sigma_mm, margin=8, progress=False).plan(label, label, spacing=(3.0, 3.0, dz))
+        assert plan.composer.sigma == (sigma_mm / 3.0, sigma_mm / 3.0, sigma_mm / dz)
+        w = plan.weights()[0, plan.regions.index(1), 3, 3]  # along z
+        d = (torch.arange(n, dtype=torch.float64) + 0.5 - n / 2) * dz  # mm from the border, > 0 in region 2
+        phi = torch.tensor([0.5 * (1 + math.erf(-v / (sigma_mm * math.sqrt(2)))) for v in d.tolist()]).double()
+        torch.testing.assert_close(w.double(), phi, atol=2e-3, rtol=0)
+
+
+def test_sigma_mm_on_1mm_voxels_is_sigma_in_voxels_and_both_together_are_refused():
+    from custom.iterative import IterativeSegReg
+
+    label = torch.ones((1, 1, 12, 10, 8), dtype=torch.int64)
+    label[..., 6:, :, :] = 2
+    by_mm = IterativeSegReg(sigma_mm=2.0, progress=False).plan(label, label, spacing=(1.0, 1.0, 1.0)).weights()
+    by_voxels = IterativeSegReg(sigma=2.0, progress=False).plan(label, label).weights()
+    assert torch.equal(by_mm, by_voxels)
+    with pytest.raises(ValueError, match="not both"):
+        IterativeSegReg(sigma=2.0, sigma_mm=2.0)
+    with pytest.raises(ValueError, match="0 on some axes"):
+        FieldComposer(sigma=(1.0, 0.0, 1.0))
+    with pytest.raises(ValueError, match="3 axes"):
+        FieldComposer(sigma=(1.0, 1.0, 1.0)).smooth(torch.ones(1, 2, 4, 4))

@@ -138,6 +138,8 @@ def test_a_bad_spelling_is_refused_by_every_verb_before_any_work(pair, tmp_path,
         (["register", f, m, *out, "--save_warped", "maybe"], "--save_warped"),
         (["register", f, m, *out, "--in_plane", "sometimes"], "--in_plane"),
         (["register", f, m, *out, "--noise_gate", "high"], "--noise_gate"),
+        (["register", f, m, *out, "--sigma_mm", "wide"], "--sigma_mm"),
+        (["register", f, m, *out, "--sigma", "2", "--sigma_mm", "2"], "--sigma_mm"),
         (["warp", m, f, tmp_path / "w" / "x.nii.gz", "--overwrite", "perhaps"], "--overwrite"),
         (["export", "--bundle", "segreg_thorax", *out, "--overwrite", "yes please"], "--overwrite"),
     ):
@@ -232,3 +234,22 @@ def test_bundle_configs_refuse_a_bad_spelling_at_initialize(thorax, tmp_path):
     with pytest.raises(Exception) as err:
         workflow([configs("segreg_acdc") / "train.json"], "train", augment="sure")
     assert "--augment takes true or false" in error_text(err.value)
+
+
+def test_thorax_composition_width_in_voxels_and_in_mm_together_are_refused(thorax):
+    # since 0.3.7 the width is composition_sigma_mm; an override of the old composition_sigma alone must not be
+    # silently combined with it
+    wf = workflow([configs("segreg_thorax") / "inference.json"], "infer", dataset_dir=str(thorax), composition_sigma=2)
+    with pytest.raises(Exception) as err:
+        wf.parser.get_parsed_content("inferer")
+    assert "sigma (voxels) or sigma_mm, not both" in error_text(err.value)
+    wf = workflow(
+        [configs("segreg_thorax") / "inference.json"],
+        "infer",
+        dataset_dir=str(thorax),
+        composition_sigma=2,
+        composition_sigma_mm=None,
+    )
+    assert wf.parser.get_parsed_content("inferer").optimiser.composition_sigma([4.0, 4.0, 4.0]) == 2.0
+    default = workflow([configs("segreg_thorax") / "inference.json"], "infer", dataset_dir=str(thorax))
+    assert default.parser.get_parsed_content("inferer").optimiser.composition_sigma([4.0, 2.0, 1.0]) == (0.5, 1.0, 2.0)

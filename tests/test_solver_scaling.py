@@ -1,7 +1,8 @@
 """A finer control grid or an added finer level must not make the training-free solver worse (issue 25, item 3).
 
 The sweep runs on a small CBCT-like synthetic thorax pair (``make_thorax(realism="cbct")``: breathing, sliding, upper
-abdomen, cone-beam artefacts) with the ``segreg_thorax`` bundle's solver settings, and scores each field by its
+abdomen, cone-beam artefacts) with the ``segreg_thorax`` bundle's solver settings and regions (its default region set
+merges the TotalSegmentator labels, as the bundle does), and scores each field by its
 end-point error (mm) against the stored exact motion over the lungs inside the CBCT field of view: an independent
 reference, not the solver's own loss. Before the control-grid basis (``custom.iterative.ControlGrid``), one control
 point per voxel nearly doubled the error (Adam's per-parameter steps left voxel-sized noise in the field).
@@ -18,18 +19,20 @@ import pytest
 
 from custom.datasets.learn2reg import learn2reg_pairs
 from custom.iterative import ControlGrid
+from custom.regions import load_merge_map, merge_labels
 from custom.register import iterative_registration
 from custom.synthetic.thorax import make_thorax
 
 LUNGS = (10, 11, 12, 13, 14)  # TotalSegmentator lung lobes
-CONFIG = json.loads((Path(__file__).parents[1] / "bundles/segreg_thorax/configs/inference.json").read_text())
+BUNDLE = Path(__file__).parents[1] / "bundles/segreg_thorax/configs"
+CONFIG = json.loads((BUNDLE / "inference.json").read_text())
 SETTINGS = {  # the segreg_thorax bundle's solver settings, read from its config
     "level_spacing_mm": tuple(CONFIG["level_spacing_mm"]),
     "iterations": tuple(CONFIG["iterations"]),
     "intensity_range": tuple(CONFIG["intensity_range"]),
     "fov_value": CONFIG["fov_value"],
     "reg_domain": CONFIG["reg_domain"],
-    "sigma": CONFIG["composition_sigma"],
+    "sigma_mm": CONFIG["composition_sigma_mm"],
     "grid_spacing": CONFIG["grid_spacing"],
     "mask_only_levels": CONFIG["mask_only_levels"],
     "progress": False,
@@ -49,13 +52,24 @@ def cbct_pair(tmp_path_factory):
         n_keypoints=10,
         realism="cbct",
     )
-    return learn2reg_pairs(js, "registration_val", "segmentationsTr")[0]
+    rec = learn2reg_pairs(js, "registration_val", "segmentationsTr")[0]
+    merge = load_merge_map(BUNDLE / CONFIG["region_sets"][CONFIG["region_set"]])["map"]
+    for key in ("fixed_label", "moving_label"):  # the bundle's regions; the scorer reads the TotalSegmentator labels
+        image = nib.load(rec[key])
+        regions = merge_labels(np.rint(image.get_fdata()).astype(np.int16), merge, "ignore").astype(np.int16)
+        rec[f"{key}_regions"] = str(root / f"{key}_regions.nii.gz")
+        nib.save(nib.Nifti1Image(regions, image.affine), rec[f"{key}_regions"])
+    return rec
 
 
 def lung_epe(rec, **overrides) -> float:
     """Lung end-point error (mm, inside the CBCT field of view) of the solver with ``overrides`` on the pair ``rec``."""
     disp = iterative_registration(
-        rec["fixed_image"], rec["moving_image"], rec["fixed_label"], rec["moving_label"], **{**SETTINGS, **overrides}
+        rec["fixed_image"],
+        rec["moving_image"],
+        rec["fixed_label_regions"],
+        rec["moving_label_regions"],
+        **{**SETTINGS, **overrides},
     )["disp"]
     truth = np.moveaxis(nib.load(rec["true_displacement"]).get_fdata(), -1, 0)
     image = nib.load(rec["fixed_image"])
