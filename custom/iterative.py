@@ -451,18 +451,20 @@ class IterativeSegReg:
         warped = self.warp(batch.moving, u)
         n_img = batch.fixed.shape[1]
         n_mask = batch.fixed_masks.shape[1]
+        # split, not sliced: the backward of a slice zero-fills a gradient of the whole stack per slice, at every step
+        warped_img, warped_masks = warped.split([n_img, warped.shape[1] - n_img], 1)
         w = self.loss.weights
         sims = u.new_zeros(len(batch))
         if self.features is not None and n_img:
             if "sim_norm" not in batch.cache:
                 batch.cache["sim_norm"] = batch.valid.flatten(1).sum(1) * n_img
-            sq = (warped[:, :n_img] - batch.fixed).square() * batch.sim_weight
+            sq = (warped_img - batch.fixed).square() * batch.sim_weight
             sims = sq.flatten(1).sum(1) / batch.cache["sim_norm"]
         if batch.mask_domain is not None:  # warped masks (and EDT maps) count inside the field of view only
-            warped = torch.cat([warped[:, :n_img], warped[:, n_img:] * batch.mask_domain], 1)
+            warped_masks = warped_masks * batch.mask_domain
         if self.batched_terms is not None and (n_img == 0 or self.features is not None):
             dice, diffusion = self.batched_terms
-            mask = dice(warped[:, n_img : n_img + n_mask], batch.fixed_masks).flatten(1).mean(1)
+            mask = dice(warped_masks[:, :n_mask], batch.fixed_masks).flatten(1).mean(1)
             if "reg" not in batch.cache:  # the regions do not change during the iterations
                 spacing = torch.tensor([r.spacing for r in batch.regions], device=u.device)
                 batch.cache["reg"] = spacing, diffusion.border_weights(batch.reg_domain)
@@ -478,9 +480,9 @@ class IterativeSegReg:
             elif self.features is not None:
                 sim = sims[b]
             else:
-                sim = self.loss.sim(crop(warped[:, :n_img], b), region.fixed)
-            wm = crop(warped[:, n_img : n_img + n_mask], b) if self.loss.needs_mask else None
-            we = crop(warped[:, -n_mask:], b) if self.loss.needs_edt else None
+                sim = self.loss.sim(crop(warped_img, b), region.fixed)
+            wm = crop(warped_masks[:, :n_mask], b) if self.loss.needs_mask else None
+            we = crop(warped_masks[:, -n_mask:], b) if self.loss.needs_edt else None
             mask = self.loss.mask_term(wm, region.fixed_masks, we, region.fixed_edt)
             reg = self.loss.reg_term(ub, region.reg_mask, region.spacing)
             losses.append(w["sim"] * sim + w["mask"] * mask + w["reg"] * reg)
