@@ -121,9 +121,9 @@ def iterative_registration(
     noise_gate: float | None = 2.0,
     in_plane: bool | str = "auto",
     grid_spacing: int = 2,
-    sigma_mm: float | None = None,
     mask_only_levels: int | None = None,
     mask_fov: bool | str = "auto",
+    sigma_mm: float | None = None,
 ) -> dict:
     """Training-free SegReg of one pair (MIND-SSC + Dice + L2 within regions) in the fixed image's physical space.
 
