@@ -55,9 +55,10 @@ def test_shape_mismatch_is_a_clear_error():
 
 
 @requires_cuda
-def test_composer_cuda_matches_cpu():
+@pytest.mark.parametrize("sigma", [1.0, (1.0, 0.5, 2.0)])
+def test_composer_cuda_matches_cpu(sigma):
     fields, masks = two_region_case()
-    comp = FieldComposer(sigma=1.0)
+    comp = FieldComposer(sigma=sigma)
     torch.testing.assert_close(comp(fields.cuda(), masks.cuda()).cpu(), comp(fields, masks), atol=1e-5, rtol=1e-5)
 
 
