@@ -18,7 +18,7 @@ def whole_box(spatial: Sequence[int]) -> tuple[slice, ...]:
     return tuple(slice(0, int(s)) for s in spatial)
 
 
-def composition_sigma(sigma: float | Sequence[float] | None) -> float | tuple[float, ...] | None:
+def checked_sigma(sigma: float | Sequence[float] | None) -> float | tuple[float, ...] | None:
     """``sigma`` as a float or a tuple of per-axis floats (voxels); ``None`` for no smoothing (``None`` or all 0)."""
     if sigma is None:
         return None
@@ -52,7 +52,7 @@ class FieldComposer(torch.nn.Module):
         self, sigma: float | Sequence[float] | None = None, normalise: bool = False, eps: float = 1e-6
     ) -> None:
         super().__init__()
-        self.sigma = composition_sigma(sigma)
+        self.sigma = checked_sigma(sigma)
         self.normalise = normalise or self.sigma is not None
         self.eps = eps
 
