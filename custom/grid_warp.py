@@ -46,10 +46,14 @@ class GridWarp:
         base, scale = self.identity(ddf)
         return base + ddf.flip(1).movedim(1, -1) * scale
 
+    def sample(self, image: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+        """``image`` ``(B, C, *S)`` sampled at ``grid`` ``(B, *S, D)`` (from :meth:`grid`)."""
+        return F.grid_sample(image, grid, mode=self.mode, padding_mode=self.padding_mode, align_corners=True)
+
     def __call__(self, image: torch.Tensor, ddf: torch.Tensor) -> torch.Tensor:
         if ddf.shape[0] != image.shape[0] or ddf.shape[2:] != image.shape[2:] or ddf.shape[1] != image.ndim - 2:
             raise ValueError(
                 f"image {tuple(image.shape)} and ddf {tuple(ddf.shape)} must be (B, C, *S) and (B, D, *S) with D the "
                 "number of spatial axes"
             )
-        return F.grid_sample(image, self.grid(ddf), mode=self.mode, padding_mode=self.padding_mode, align_corners=True)
+        return self.sample(image, self.grid(ddf))

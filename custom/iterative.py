@@ -37,6 +37,16 @@ from custom.region_batch import (
     resize_field,
 )
 from custom.regions import normalised_edt
+from custom.sparse_warp import (
+    active_points,
+    background_interior,
+    background_of,
+    dice_from_sums,
+    gather_channels,
+    gather_points,
+    linear_dice,
+    sample_points,
+)
 from custom.utils import plain
 from custom.validation import check_finite
 
@@ -192,6 +202,13 @@ class IterativeSegReg:
             are optimised at the first this-many levels only and keep that field at the finer ones (``None``: every
             level). Without image data their field follows the mask borders, which a coarse level already resolves;
             on a CBCT pair such regions are the background and the chest wall, the largest crops of the finest level.
+        sparse_warp: warp each step's moving stack only at the voxels whose sample can differ from the stack's
+            background (:mod:`custom.sparse_warp`): the same loss and gradient to float rounding, less work where a
+            region's crop is mostly outside it (the lungs and the rib cage fill a thorax grid's box but not its
+            voxels). "auto" (default): on a CPU (on a GPU the per-step count of the points costs a host sync);
+            True / False: always / never.
+        sparse_fraction: the sparse step is taken while at most this fraction of a batch's voxels is active (above
+            it the dense warp is cheaper).
 
     The voxel spacing (``spacing`` argument of ``__call__``, else the fixed image's affine if it is a ``MetaTensor``,
     else 1 mm) makes the regulariser, the levels and the control grid physical.
@@ -236,6 +253,8 @@ class IterativeSegReg:
         mask_only_levels: int | None = None,
         mask_fov: bool | str = "auto",
         sigma_mm: float | None = None,
+        sparse_warp: bool | str = "auto",
+        sparse_fraction: float = 0.5,
     ) -> None:
         if field not in ("displacement", "velocity"):
             raise ValueError(f"field must be 'displacement' or 'velocity', got {field!r}")
@@ -292,6 +311,10 @@ class IterativeSegReg:
             raise ValueError(f"num_threads must be a positive number of CPU threads or None, got {num_threads!r}")
         self.num_threads = None if num_threads is None else int(num_threads)
         self.batched_terms = self._batched_terms()
+        self.sparse_warp = auto_or_bool(sparse_warp, "sparse_warp")
+        if not 0.0 <= float(sparse_fraction) <= 1.0:
+            raise ValueError(f"sparse_fraction must be a fraction of the grid in [0, 1], got {sparse_fraction!r}")
+        self.sparse_fraction = float(sparse_fraction)
         self.last_profile: dict[str, float] = {}
         self.warp = GridWarp(mode="bilinear", padding_mode="zeros")  # every step: the cached-grid warp
         self.warp_image = Warp(mode="bilinear", padding_mode="border")
@@ -448,7 +471,13 @@ class IterativeSegReg:
 
     def batch_losses(self, batch: RegionBatch, u: torch.Tensor) -> torch.Tensor:
         """Loss of each region of ``batch`` ``(G,)`` for the fields ``u`` ``(G, D, *S)`` (level voxels)."""
-        warped = self.warp(batch.moving, u)
+        grid = self.warp.grid(u)
+        sparse = self.sparse_terms(batch)
+        if sparse is not None:
+            active = active_points(sparse["interior"], grid)
+            if int(active.sum()) <= self.sparse_fraction * active.numel():
+                return self.sparse_batch_losses(batch, u, grid, active, sparse)
+        warped = self.warp.sample(batch.moving, grid)
         n_img = batch.fixed.shape[1]
         n_mask = batch.fixed_masks.shape[1]
         # split, not sliced: the backward of a slice zero-fills a gradient of the whole stack per slice, at every step
@@ -456,21 +485,13 @@ class IterativeSegReg:
         w = self.loss.weights
         sims = u.new_zeros(len(batch))
         if self.features is not None and n_img:
-            if "sim_norm" not in batch.cache:
-                batch.cache["sim_norm"] = batch.valid.flatten(1).sum(1) * n_img
             sq = (warped_img - batch.fixed).square() * batch.sim_weight
-            sims = sq.flatten(1).sum(1) / batch.cache["sim_norm"]
+            sims = sq.flatten(1).sum(1) / self.sim_norm(batch)
         if batch.mask_domain is not None:  # warped masks (and EDT maps) count inside the field of view only
             warped_masks = warped_masks * batch.mask_domain
         if self.batched_terms is not None and (n_img == 0 or self.features is not None):
-            dice, diffusion = self.batched_terms
-            mask = dice(warped_masks[:, :n_mask], batch.fixed_masks).flatten(1).mean(1)
-            if "reg" not in batch.cache:  # the regions do not change during the iterations
-                spacing = torch.tensor([r.spacing for r in batch.regions], device=u.device)
-                batch.cache["reg"] = spacing, diffusion.border_weights(batch.reg_domain)
-            spacing, weights = batch.cache["reg"]
-            reg = diffusion(u, spacing=spacing, weights=weights)
-            return w["sim"] * sims + w["mask"] * mask + w["reg"] * reg
+            mask = self.batched_terms[0](warped_masks[:, :n_mask], batch.fixed_masks).flatten(1).mean(1)
+            return w["sim"] * sims + w["mask"] * mask + w["reg"] * self.batch_regulariser(batch, u)
         losses = []
         crop = batch.crop
         for b, region in enumerate(batch.regions):
@@ -487,6 +508,71 @@ class IterativeSegReg:
             reg = self.loss.reg_term(ub, region.reg_mask, region.spacing)
             losses.append(w["sim"] * sim + w["mask"] * mask + w["reg"] * reg)
         return torch.stack(losses)
+
+    @staticmethod
+    def sim_norm(batch: RegionBatch) -> torch.Tensor:
+        """``(G,)`` the similarity's normaliser: each region's real crop voxels times the feature channels."""
+        if "sim_norm" not in batch.cache:
+            batch.cache["sim_norm"] = batch.valid.flatten(1).sum(1) * batch.fixed.shape[1]
+        return batch.cache["sim_norm"]
+
+    def batch_regulariser(self, batch: RegionBatch, u: torch.Tensor) -> torch.Tensor:
+        """``(G,)`` the region diffusion of ``u`` within each region's domain (border weights computed once)."""
+        if "reg" not in batch.cache:  # the regions do not change during the iterations
+            spacing = torch.tensor([r.spacing for r in batch.regions], device=u.device)
+            batch.cache["reg"] = spacing, self.batched_terms[1].border_weights(batch.reg_domain)
+        spacing, weights = batch.cache["reg"]
+        return self.batched_terms[1](u, spacing=spacing, weights=weights)
+
+    def sparse_terms(self, batch: RegionBatch) -> dict | None:
+        """What the sparse step (:mod:`custom.sparse_warp`) needs for ``batch``, computed once; ``None`` where it does
+        not apply: ``sparse_warp`` off for this device, a loss that is not features + linear Dice + region diffusion,
+        or a stack whose background covers too little of the grid to pay."""
+        if "sparse" in batch.cache:
+            return batch.cache["sparse"]
+        batch.cache["sparse"] = None
+        n_img, n_mask = batch.fixed.shape[1], batch.fixed_masks.shape[1]
+        on = self.sparse_warp if self.sparse_warp != "auto" else batch.moving.device.type == "cpu"
+        terms = self.batched_terms
+        if not on or terms is None or not linear_dice(terms[0]) or batch.moving.shape[1] != n_img + n_mask:
+            return None
+        if n_img and self.features is None:
+            return None
+        with torch.no_grad():
+            background = background_of(self.features if n_img else None, n_mask, batch.moving)
+            interior = background_interior(batch.moving, background)
+            if float(interior.mean()) < 1.0 - self.sparse_fraction:
+                return None
+            shape = (1, -1) + (1,) * (batch.moving.ndim - 2)
+            bg_sq = ((background[:n_img].view(shape) - batch.fixed).square().sum(1) * batch.sim_weight[:, 0]).flatten(1)
+            batch.cache["sparse"] = {
+                "interior": interior,
+                "bg_sq": bg_sq,
+                "bg_total": bg_sq.sum(1),
+                "target_sum": batch.fixed_masks.flatten(2).sum(2),
+            }
+        return batch.cache["sparse"]
+
+    def sparse_batch_losses(self, batch: RegionBatch, u, grid, active, sparse: dict) -> torch.Tensor:
+        """:meth:`batch_losses` from the ``active`` points ``(G, N)`` only: the similarity of the others is their
+        background's (``sparse["bg_sq"]``), their Dice terms are 0 (see :mod:`custom.sparse_warp`)."""
+        index, real = gather_points(active)
+        realf = real.to(u.dtype)
+        samples = sample_points(batch.moving, grid, index, real)
+        n_img, n_mask = batch.fixed.shape[1], batch.fixed_masks.shape[1]
+        s_img, s_mask = samples.split([n_img, n_mask], 1)
+        w = self.loss.weights
+        sims = u.new_zeros(len(batch))
+        if n_img:
+            weight = gather_channels(batch.sim_weight, index)[:, 0] * realf
+            here = (weight * (s_img - gather_channels(batch.fixed, index)).square().sum(1)).sum(1)
+            background = (sparse["bg_sq"].gather(1, index) * realf).sum(1)
+            sims = (sparse["bg_total"] - background + here) / self.sim_norm(batch)
+        if batch.mask_domain is not None:
+            s_mask = s_mask * gather_channels(batch.mask_domain, index)
+        tp = (s_mask * gather_channels(batch.fixed_masks, index) * realf.unsqueeze(1)).sum(2)
+        mask = dice_from_sums(self.batched_terms[0], tp, s_mask.sum(2), sparse["target_sum"]).mean(1)
+        return w["sim"] * sims + w["mask"] * mask + w["reg"] * self.batch_regulariser(batch, u)
 
     def optimise_batch(self, batch: RegionBatch, init: torch.Tensor, n_it: int, bar=None) -> torch.Tensor:
         """Adam on the control grids of every region of ``batch`` from ``init`` ``(G, D, *S)`` (the field in level
