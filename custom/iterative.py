@@ -371,7 +371,8 @@ class IterativeSegReg:
             inside = True
             if self.fov_value is not None:
                 fm = plan.mask("fixed", i)
-                inside = bool((plan.crop(fixed, i)[fm > 0] > self.fov_value).float().mean() >= 0.5)
+                seen = ((plan.crop(fixed, i) > self.fov_value) & (fm > 0)).sum()
+                inside = bool(2 * seen >= (fm > 0).sum())  # at least half of the fixed mask inside the field of view
             tasks.append(RegionTask(i, inside))
         return tasks
 

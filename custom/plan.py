@@ -262,7 +262,8 @@ class RegionPlan:
             self._thin = []
             for i, r in enumerate(self.regions):
                 inside = self._hard_weight(i) > 0
-                if inside.any() and float(self._smooth_weight(i)[inside].max()) < 0.5:
+                # the weights are >= 0: their largest value inside the mask is that of the weights times the mask
+                if inside.any() and float((self._smooth_weight(i) * inside).max()) < 0.5:
                     self._thin.append(r)
         return self._thin
 

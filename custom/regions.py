@@ -27,7 +27,14 @@ def source_name(data, default: str = "<array>") -> str:
 
 def present_labels(label: torch.Tensor | np.ndarray) -> list[int]:
     """Sorted integer label ids present in a label map (any shape)."""
-    values = torch.unique(torch.as_tensor(label)).tolist()
+    label = torch.as_tensor(label)
+    if label.numel() and label.dtype != torch.bool:
+        low, high = float(label.min()), float(label.max())
+        ids = label.long() if label.is_floating_point() else label
+        # counting is one pass, unique sorts every voxel (2 s on a 1 mm CT pair); float maps must hold whole numbers
+        if 0 <= low and high < 65536 and (not label.is_floating_point() or bool((ids == label).all())):
+            return torch.bincount(ids.flatten(), minlength=int(high) + 1).nonzero().flatten().tolist()
+    values = torch.unique(label).tolist()
     return sorted(int(round(v)) for v in values)
 
 
@@ -107,17 +114,23 @@ def merge_labels(label, mapping: dict[int, int], unknown: str = "warn", name: st
 def bounding_box(mask: torch.Tensor, margin: int | Sequence[int] = 0) -> tuple[slice, ...]:
     """Slices of the bounding box of ``mask > 0`` (spatial shape only), grown by ``margin`` voxels, clipped to the grid.
 
-    Raises ``ValueError`` for an empty mask.
+    Read from the mask's projection on each axis (no list of the mask's voxels: a lung mask of a 1 mm CT has ten
+    million). Raises ``ValueError`` for an empty mask.
     """
     mask = torch.as_tensor(mask)
-    nz = torch.nonzero(mask > 0)
-    if nz.numel() == 0:
+    mask = (mask if mask.dtype == torch.bool else mask > 0).view(torch.uint8)  # "> 0" of a bool mask is slow
+    if mask.numel() == 0 or not bool(mask.any()):
         raise ValueError("bounding_box of an empty mask")
     dims = mask.ndim
     margins = [margin] * dims if isinstance(margin, int) else list(margin)
-    lo = nz.min(0).values.tolist()
-    hi = nz.max(0).values.tolist()
-    return tuple(slice(max(0, lo[d] - margins[d]), min(mask.shape[d], hi[d] + 1 + margins[d])) for d in range(dims))
+    box, rest = [], mask
+    for d in range(dims):
+        profile = rest.flatten(1).amax(1) if rest.ndim > 1 else rest
+        hit = profile.nonzero()
+        lo, hi = int(hit[0]), int(hit[-1])
+        box.append(slice(max(0, lo - margins[d]), min(mask.shape[d], hi + 1 + margins[d])))
+        rest = rest.amax(0) if rest.ndim > 1 else rest
+    return tuple(box)
 
 
 def normalised_edt(mask: np.ndarray | torch.Tensor, sampling=None) -> np.ndarray | torch.Tensor:

@@ -3,8 +3,9 @@ import math
 import pytest
 import torch
 from conftest import requires_cuda
+from monai.networks.layers import GaussianFilter
 
-from custom.composer import FieldComposer
+from custom.composer import FieldComposer, gaussian_smooth
 
 
 def two_region_case(shape=(12, 10, 8)):
@@ -112,3 +113,18 @@ def test_sigma_mm_on_1mm_voxels_is_sigma_in_voxels_and_both_together_are_refused
         FieldComposer(sigma=(1.0, 0.0, 1.0))
     with pytest.raises(ValueError, match="3 axes"):
         FieldComposer(sigma=(1.0, 1.0, 1.0)).smooth(torch.ones(1, 2, 4, 4))
+
+
+@pytest.mark.parametrize("shape,sigma", [((2, 3, 30, 26, 21), (2.0, 0.7, 3.3)), ((1, 2, 40, 33), 1.5)])
+def test_gaussian_smoothing_is_monais_gaussian_filter(shape, sigma):
+    # reference: MONAI's GaussianFilter (depthwise convolutions); the shifted-copy sums give its values bit for bit
+    x = torch.rand(shape, generator=torch.Generator().manual_seed(0))
+    spatial = len(shape) - 2
+    want = GaussianFilter(spatial, sigma)(x)
+    assert torch.equal(gaussian_smooth(x, sigma), want)
+    ours, theirs = x.clone().requires_grad_(True), x.clone().requires_grad_(True)  # differentiable, as the weights are
+    (gaussian_smooth(ours, sigma) * x).sum().backward()
+    (GaussianFilter(spatial, sigma)(theirs) * x).sum().backward()
+    torch.testing.assert_close(ours.grad, theirs.grad)
+    with pytest.raises(ValueError, match="axes"):
+        gaussian_smooth(x, (1.0,) * (spatial + 1))

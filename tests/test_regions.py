@@ -7,7 +7,7 @@ import torch
 from monai.data import MetaTensor
 
 from custom.region_pair import RandRegionPaird
-from custom.regions import bounding_box, labels_to_regions, load_merge_map, merge_labels
+from custom.regions import bounding_box, labels_to_regions, load_merge_map, merge_labels, present_labels
 
 
 def case(fixed_ids=(0, 1, 2, 3), moving_ids=(0, 1, 2, 4), shape=(8, 8, 8)):
@@ -86,6 +86,34 @@ def test_nan_image_is_rejected():
     d["fixed_image"][0, 0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         RandRegionPaird()(d)
+
+
+@pytest.mark.parametrize("shape", [(9,), (7, 11), (6, 9, 8), (3, 4, 5, 6)])
+def test_bounding_box_is_the_extent_of_the_masks_voxels(shape):
+    # reference: numpy's list of the mask's voxels (np.argwhere), for bool and float masks of any dimensionality
+    rng = np.random.default_rng(len(shape))
+    for _ in range(10):
+        mask = rng.random(shape) > 0.9
+        if not mask.any():
+            continue
+        voxels = np.argwhere(mask)
+        lo, hi = voxels.min(0), voxels.max(0)
+        want = tuple(slice(max(0, int(a) - 2), min(n, int(b) + 3)) for a, b, n in zip(lo, hi, shape))
+        assert bounding_box(torch.as_tensor(mask), 2) == want
+        assert bounding_box(torch.as_tensor(mask, dtype=torch.float32) * 3.0, 2) == want
+        strided = torch.as_tensor(mask.transpose().copy()).permute(*reversed(range(len(shape))))  # not contiguous
+        assert bounding_box(strided, 2) == want
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int16, torch.uint8, torch.float32, torch.float64])
+def test_present_labels_are_numpys_unique_ids(dtype):
+    rng = np.random.default_rng(0)
+    label = rng.choice([0, 3, 7, 117], size=(9, 8, 7), p=[0.7, 0.2, 0.09, 0.01])
+    assert present_labels(torch.as_tensor(label).to(dtype)) == np.unique(label).tolist()
+    if dtype.is_floating_point:  # values that are not whole numbers still read as before (rounded unique values)
+        assert present_labels(torch.tensor([[2.0, 0.4]], dtype=dtype)) == [0, 2]
+    if dtype in (torch.int64, torch.int16):
+        assert present_labels(torch.tensor([-2, 5], dtype=dtype)) == [-2, 5]
 
 
 def test_bounding_box_with_margin_is_clipped():
