@@ -118,6 +118,15 @@ class ControlGrid:
         return resize_field(field, self.grid) / self.scale.to(field)
 
 
+def is_thin(mask: torch.Tensor, fraction: float = 0.5) -> bool:
+    """Whether fewer than ``fraction`` of the voxels of the ``(1, 1, *S)`` mask survive an erosion by one voxel (the
+    ``3^d`` box): every plate or tube a few voxels thick at this resolution (ribs, a scapula, a vessel) and, in 3-D,
+    any structure under about 11 voxels across (a 4 cm organ on a 4 mm level)."""
+    pool = F.max_pool3d if mask.ndim == 5 else F.max_pool2d
+    eroded = -pool(-mask.float(), 3, stride=1, padding=1)
+    return bool(eroded.sum() < fraction * mask.float().sum())
+
+
 def dilate(mask: torch.Tensor, radius: int) -> torch.Tensor:
     """Binary ``(B, 1, *S)`` mask grown by ``radius`` voxels (chessboard distance)."""
     if radius <= 0:
@@ -181,8 +190,13 @@ class IterativeSegReg:
             slice axis), False never (default; ``frozen_components`` still apply).
         reg_domain: where each region's field is regularised: "region" (inside its fixed mask: the paper's "L2 summed
             within each fixed region"), "box" (its whole crop: the field stays smooth just outside the region, which
-            steadies thin and small structures), or a dilation of the mask in voxels. The field is only used inside
-            the region either way.
+            steadies thin and small structures), a dilation of the mask in voxels, or "auto": the mask, grown by
+            :attr:`thin_dilation` (2) voxels at the levels where it is thin (:func:`is_thin`: under half of it
+            survives a one-voxel erosion; ribs, scapulae, vessels, organs under about 11 voxels across, so most
+            regions at a coarse level). Inside a structure one or two voxels thick few finite differences are summed,
+            so its field is barely regularised and follows the noise. The
+            field is only used inside the region (and its composition blend) either way; each region's field is its
+            own, so no choice couples two regions across their border.
         sigma: Gaussian smoothing (voxels) of the composition weights: the sub-fields blend over about ``2 sigma``
             voxels at region borders instead of jumping (fewer folds; ``None`` = hard masks, the sliding kept exact).
         sigma_mm: the same smoothing in mm (``sigma_mm / spacing`` voxels per axis, from each pair's spacing): one
@@ -222,6 +236,8 @@ class IterativeSegReg:
     """
 
     single_thread_voxels: int = 65536
+    thin_fraction: float = 0.5  # reg_domain "auto": a mask is thin when less than this fraction survives an erosion
+    thin_dilation: int = 2  # reg_domain "auto": a thin mask's regulariser domain grows by this many voxels
 
     def __init__(
         self,
@@ -294,9 +310,9 @@ class IterativeSegReg:
             raise ValueError(f"mask_only_levels must be a number of levels >= 1 or None, got {mask_only_levels!r}")
         self.mask_only_levels = None if mask_only_levels is None else int(mask_only_levels)
         self.grid_spacing_mm = None if grid_spacing_mm is None else float(grid_spacing_mm)
-        if not (reg_domain in ("region", "box") or (isinstance(reg_domain, int) and reg_domain >= 0)):
+        if not (reg_domain in ("region", "box", "auto") or (isinstance(reg_domain, int) and reg_domain >= 0)):
             raise ValueError(
-                f"reg_domain must be 'region', 'box' or a dilation in voxels (int >= 0), got {reg_domain!r}"
+                f"reg_domain must be 'region', 'box', 'auto' or a dilation in voxels (int >= 0), got {reg_domain!r}"
             )
         self.reg_domain = reg_domain
         self.sigma = None if sigma in (None, 0) else float(sigma)
@@ -395,9 +411,11 @@ class IterativeSegReg:
 
     def reg_mask(self, fixed_mask: torch.Tensor) -> torch.Tensor | None:
         """Where a region's field is regularised: its fixed mask, the mask grown by ``reg_domain`` voxels, or (``None``)
-        its whole crop."""
+        its whole crop; with "auto" the mask, grown by :attr:`thin_dilation` voxels where it is thin at this level."""
         if self.reg_domain == "box":
             return None
+        if self.reg_domain == "auto":
+            return dilate(fixed_mask, self.thin_dilation if is_thin(fixed_mask, self.thin_fraction) else 0)
         return dilate(fixed_mask, 0 if self.reg_domain == "region" else int(self.reg_domain))
 
     def level_size(self, shape: Sequence[int], spacing: Sequence[float], level: int) -> list[int]:

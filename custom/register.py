@@ -261,7 +261,8 @@ def register(
             MR 1.8 x 1.8 x 10 mm) the through-plane displacement is held at 0, which the thin slices cannot resolve,
             and one printed line says so; true: always (refused where no axis is thick); false: never.
         reg_domain: where each region's field is regularised: "box" (its crop; default), "region" (inside its fixed
-            mask only, as the paper) or a dilation in voxels (see ``custom.iterative.IterativeSegReg``).
+            mask only, as the paper), "auto" (the mask, grown by 2 voxels where it is thin at a level) or a dilation in
+            voxels (see ``custom.iterative.IterativeSegReg``).
         sigma: Gaussian smoothing (voxels) of the composition weights, e.g. 2: fewer folds at region borders.
         sigma_mm: the same smoothing in mm (``sigma_mm / spacing`` voxels per axis), as the thorax bundle's
             ``composition_sigma_mm``: one width on 1 mm CT and thick-slice MR. Give ``sigma`` or ``sigma_mm``.

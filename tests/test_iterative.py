@@ -214,7 +214,7 @@ def test_pure_in_plane_motion_on_thick_slices_stays_in_plane_with_a_frozen_throu
     assert errors[(2,)] < 0.6 and errors[(2,)] < errors[()], errors
 
 
-@pytest.mark.parametrize("reg_domain", ["box", "region"])
+@pytest.mark.parametrize("reg_domain", ["box", "region", "auto"])
 def test_a_thin_small_region_is_registered(reg_domain):
     # a 2-voxel-thick tube shifted by 2 voxels next to a large static region: every region present in both maps is
     # registered, however small (its Dice rises from the unregistered value)
@@ -326,3 +326,21 @@ def test_last_profile_splits_the_cpu_time_of_the_pair_into_phases():
     )
     assert all(v >= 0 for v in phases.values())
     assert phases["level 2 optimisation"] > 0 and sum(phases.values()) <= total + 1e-3
+
+
+@pytest.mark.parametrize("nd", [2, 3])
+def test_auto_reg_domain_grows_thin_masks_only(nd):
+    # reference: scipy's binary dilation by the (2r+1)^d box for the thin plate; a thick block keeps its own mask
+    from scipy.ndimage import binary_dilation
+
+    from custom.iterative import is_thin
+
+    shape = (20, 18, 16)[:nd]
+    plate, block = torch.zeros((1, 1) + shape), torch.zeros((1, 1) + shape)
+    plate[(0, 0, slice(8, 9)) + (slice(3, 15),) * (nd - 1)] = 1.0  # one voxel thick
+    block[(0, 0) + (slice(2, 16),) * nd] = 1.0  # 14 voxels across: (12 / 14) ** 3 = 63 % survive an erosion
+    assert is_thin(plate) and not is_thin(block)
+    reg = IterativeSegReg(reg_domain="auto", progress=False)
+    want = binary_dilation(plate[0, 0].numpy() > 0, np.ones((5,) * nd))
+    np.testing.assert_array_equal(reg.reg_mask(plate)[0, 0].numpy() > 0.5, want)
+    torch.testing.assert_close(reg.reg_mask(block), block)
