@@ -194,9 +194,9 @@ class IterativeSegReg:
             :attr:`thin_dilation` (2) voxels at the levels where it is thin (:func:`is_thin`: under half of it
             survives a one-voxel erosion; ribs, scapulae, vessels, organs under about 11 voxels across, so most
             regions at a coarse level). Inside a structure one or two voxels thick few finite differences are summed,
-            so its field is barely regularised and follows the noise. The
-            field is only used inside the region (and its composition blend) either way; each region's field is its
-            own, so no choice couples two regions across their border.
+            so its field is barely regularised and follows the noise. The field is only used inside the region (and
+            its composition blend) either way; each region's field is its own, so no choice couples two regions
+            across their border.
         sigma: Gaussian smoothing (voxels) of the composition weights: the sub-fields blend over about ``2 sigma``
             voxels at region borders instead of jumping (fewer folds; ``None`` = hard masks, the sliding kept exact).
         sigma_mm: the same smoothing in mm (``sigma_mm / spacing`` voxels per axis, from each pair's spacing): one
