@@ -27,7 +27,7 @@ THORAX_SETTINGS = {
     "iterations": (50, 20, 10),
     "intensity_range": (-1000.0, 1000.0),
     "fov_value": 0.0,
-    "reg_domain": "region",
+    "reg_domain": "auto",
     "sigma_mm": 2.0,
     "mask_only_levels": 2,
 }
