@@ -61,8 +61,8 @@ def synthetic_set(name: str, data: Path, n_pairs: int | None = None):
         from custom.synthetic.abdomen import write_pair_truths
 
         js = data / "abdomen" / "AbdomenCTCT_dataset.json"
-        recs = learn2reg_split(js, "test", 4, 2)
-        write_pair_truths(js, recs, overwrite=True)  # fixed -> moving truth per pair (cheap)
+        write_pair_truths(js, learn2reg_split(js, "test", 4, 2), overwrite=True)  # fixed -> moving truth per pair
+        recs = learn2reg_split(js, "test", 4, 2)  # read again: a record carries only the truths on disk when read
         return recs[:n_pairs], list(range(1, 14)), {}, None
     raise ValueError(f"unknown set {name!r}: acdc, thorax or abdomen")
 
