@@ -386,9 +386,9 @@ class IterativeSegReg:
                 continue
             inside = True
             if self.fov_value is not None:
-                fm = plan.mask("fixed", i)
-                seen = ((plan.crop(fixed, i) > self.fov_value) & (fm > 0)).sum()
-                inside = bool(2 * seen >= (fm > 0).sum())  # at least half of the fixed mask inside the field of view
+                fm = plan.mask("fixed", i) > 0
+                seen = ((plan.crop(fixed, i) > self.fov_value) & fm).sum()
+                inside = bool(2 * seen >= fm.sum())  # at least half of the fixed mask inside the field of view
             tasks.append(RegionTask(i, inside))
         return tasks
 
@@ -589,7 +589,7 @@ class IterativeSegReg:
             sims = (sparse["bg_total"] - background + here) / self.sim_norm(batch)
         if batch.mask_domain is not None:
             s_mask = s_mask * gather_channels(batch.mask_domain, index)
-        tp = (s_mask * gather_channels(batch.fixed_masks, index) * realf.unsqueeze(1)).sum(2)
+        tp = (s_mask * gather_channels(batch.fixed_masks, index)).sum(2)  # padding points sample 0: no tp, no sum
         mask = dice_from_sums(self.batched_terms[0], tp, s_mask.sum(2), sparse["target_sum"]).mean(1)
         return w["sim"] * sims + w["mask"] * mask + w["reg"] * self.batch_regulariser(batch, u)
 
