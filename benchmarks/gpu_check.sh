@@ -23,7 +23,7 @@ CUDA_TESTS=$(grep -l requires_cuda tests/test_*.py)
 "$PY" -m pytest -q -rs -p no:cacheprovider $CUDA_TESTS 2>&1 | tee "$OUT/cuda_tests.log"
 tests_rc=${PIPESTATUS[0]}
 echo "== iterative speed on CUDA (SegReg vs ConvexAdam) =="
-"$PY" benchmarks/iterative_speed.py --device cuda --out /tmp/segreg_speed ${SPEED_ARGS:-} 2>&1 | tee "$OUT/iterative_speed.log"
+"$PY" benchmarks/iterative_speed.py --device cuda --methods segreg global convexadam --out /tmp/segreg_speed ${SPEED_ARGS:-} 2>&1 | tee "$OUT/iterative_speed.log"
 speed_rc=${PIPESTATUS[0]}
 echo "== timings =="
 "$PY" benchmarks/gpu_timings.py --out /tmp/segreg_bench ${GPU_TIMINGS_ARGS:---skip_cpu_inferer} 2>&1 | tee "$OUT/gpu_timings.log"

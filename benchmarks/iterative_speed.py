@@ -9,13 +9,15 @@ Cases (generated on first use, cached under ``--out``):
   with lung texture and sliding breathing motion).
 
 Methods: IterativeSegReg per region and global with the ``segreg_thorax`` bundle's own settings (read from its
-``inference.json``), and ConvexAdam (``convexadam`` from PyPI, its defaults: MIND-SSC, coupled convex optimisation,
-80 Adam steps at half resolution). Each method runs in a fresh process (so the peak memory is its own) with the same
-number of torch threads. Columns: CPU seconds of the registration call (all threads together), wall seconds, peak
-resident memory of the process (GiB), mean Dice of the regions of the bundle's default ``region_set`` (%), TRE over
-the lung keypoints (mm) and end-point error against the exact motion (mm, all voxels). The last lines are the ratios
-of CPU seconds, per-region SegReg over ConvexAdam, per case and ``ratio_segreg_vs_convexadam=<x>`` (the larger of
-the two).
+``inference.json``), ConvexAdam (``convexadam`` from PyPI, its defaults: MIND-SSC, coupled convex optimisation,
+80 Adam steps at half resolution) and ANTs SyN (``antspyx``, ``benchmarks/peers.py``: its defaults, mutual
+information, iterations (40, 20, 0), so its last level is at half resolution; as many ITK threads as torch threads).
+Each method runs in a fresh process (so the peak memory is its own) with the same number of threads. Columns: CPU
+seconds of the registration call (all threads together), wall seconds, peak resident memory of the process (GiB),
+mean Dice of the regions of the bundle's default ``region_set`` (%), TRE over the lung keypoints (mm) and end-point
+error against the exact motion (mm, all voxels). The last lines are the ratios of CPU seconds, per-region SegReg over
+each peer, per case (``ratio_segreg_vs_<peer>[<case>]=<x>``), and ``ratio_segreg_vs_convexadam=<x>`` (the larger of
+the two cases).
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 BUNDLE = REPO / "bundles" / "segreg_thorax"
 CASES = {"thorax_80x64x64": ((80, 64, 64), (4.0, 4.0, 4.0), 2), "thorax_390x280x300": ((390, 280, 300), (1.0,) * 3, 1)}
-METHODS = ("segreg", "global", "convexadam")
+METHODS = ("segreg", "global", "convexadam", "ants_syn")
+PEER_NAMES = {"convexadam": "ConvexAdam", "ants_syn": "ANTs SyN"}
 
 
 def case_record(out: Path, name: str) -> dict:
@@ -110,6 +113,12 @@ def register(method: str, pair: dict, device) -> tuple:
 
         disp = convex_adam_pt(pair["fixed"][0, 0], pair["moving"][0, 0], device=device)
         return torch.as_tensor(np.moveaxis(disp, -1, 0), dtype=torch.float32)[None], {}
+    if method == "ants_syn":
+        from peers import ants_syn
+
+        images = [pair[k][0, 0].numpy() for k in ("fixed", "moving")]
+        disp = ants_syn(*images, pair["spacing"], threads=torch.get_num_threads())
+        return torch.as_tensor(disp)[None], {}
     solver = bundle_solver("segreg" if method == "segreg" else "global")
     args = [pair[k].to(device) for k in ("fixed", "moving", "fixed_label", "moving_label")]
     return solver(*args, spacing=pair["spacing"])["ddf"].cpu(), dict(solver.last_profile)
@@ -157,7 +166,7 @@ def run_isolated(method: str, rec: dict, threads: int, device: str) -> dict:
 def markdown(rows: list[dict], ratios: dict, header: str) -> str:
     """The results as the markdown page ``docs/benchmarks/iterative_speed.md``."""
     lines = [
-        "# Iterative SegReg vs ConvexAdam\n",
+        "# Iterative SegReg vs ConvexAdam and ANTs SyN\n",
         'Regenerate: `pip install -e ".[bench]" && python benchmarks/iterative_speed.py --md '
         "docs/benchmarks/iterative_speed.md`. " + header + "\n",
         "| case | method | CPU s | wall s | peak GiB | Dice % | TRE mm | EPE mm |",
@@ -174,12 +183,14 @@ def markdown(rows: list[dict], ratios: dict, header: str) -> str:
     lines.append("")
     lines.append(
         "SegReg registers with the ground-truth label maps, so its Dice is partly circular; TRE (lung keypoints) and "
-        "EPE (all voxels, against the exact motion) are the fair measures. ConvexAdam runs its defaults, without masks."
+        "EPE (all voxels, against the exact motion) are the fair measures. ConvexAdam and ANTs SyN run their defaults, "
+        "without masks; ANTs' last level is at half resolution (8 mm on the 4 mm pair, 2 mm on the 1 mm one), SegReg's "
+        "at 4 mm on both."
     )
     lines.append("")
     lines += [
-        f"- `ratio_segreg_vs_convexadam[{k}]={v:.2f}` (CPU seconds, per-region SegReg / ConvexAdam)"
-        for k, v in ratios.items()
+        f"- `ratio_segreg_vs_{peer}[{case}]={v:.2f}` (CPU seconds, per-region SegReg / {PEER_NAMES[peer]})"
+        for (peer, case), v in ratios.items()
     ]
     profiled = [r for r in rows if r["method"] == "segreg" and r.get("phases")]
     if profiled:
@@ -242,11 +253,12 @@ def main() -> None:
             + (f"{r['peak_gpu_gib']:>9.2f}" if "peak_gpu_gib" in r else "")
         )
     ratios = {}
-    for name in names:
-        by = {r["method"]: r for r in rows if r["case"] == name and "error" not in r}
-        if "segreg" in by and "convexadam" in by:
-            ratios[name] = by["segreg"]["cpu_s"] / by["convexadam"]["cpu_s"]
-            print(f"ratio_segreg_vs_convexadam[{name}]={ratios[name]:.2f}")
+    for peer in PEER_NAMES:
+        for name in names:
+            by = {r["method"]: r for r in rows if r["case"] == name and "error" not in r}
+            if "segreg" in by and peer in by:
+                ratios[peer, name] = by["segreg"]["cpu_s"] / by[peer]["cpu_s"]
+                print(f"ratio_segreg_vs_{peer}[{name}]={ratios[peer, name]:.2f}")
     if args.md:
         header = (
             f"torch {torch.__version__}, device {args.device} ({gpu}), {args.threads} torch threads, "
@@ -256,8 +268,9 @@ def main() -> None:
         from custom.io import save_text
 
         save_text(markdown(rows, ratios, header), args.md)
-    if ratios:
-        print(f"ratio_segreg_vs_convexadam={max(ratios.values()):.2f}")
+    convexadam = [v for (peer, _), v in ratios.items() if peer == "convexadam"]
+    if convexadam:
+        print(f"ratio_segreg_vs_convexadam={max(convexadam):.2f}")
 
 
 if __name__ == "__main__":

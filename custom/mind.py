@@ -52,6 +52,21 @@ def _second_difference(x: torch.Tensor, dim: int) -> torch.Tensor:
     return x.narrow(dim, 2, n - 2) - 2 * x.narrow(dim, 1, n - 2) + x.narrow(dim, 0, n - 2)
 
 
+def grow_one_voxel(mask: torch.Tensor) -> torch.Tensor:
+    """Bool ``(B, C, *S)`` mask grown by one voxel (the ``3^d`` box), as max-pooling with kernel 3 and padding 1 gives,
+    one axis at a time on bytes: a quarter of the memory traffic of pooling a float copy, and no unfolded windows."""
+    out = mask
+    for d in range(2, mask.ndim):
+        n = mask.shape[d]
+        if n < 2:
+            continue
+        grown = out.clone()
+        grown.narrow(d, 1, n - 1).logical_or_(out.narrow(d, 0, n - 1))
+        grown.narrow(d, 0, n - 1).logical_or_(out.narrow(d, 1, n - 1))
+        out = grown
+    return out
+
+
 def noise_variance(image: torch.Tensor) -> torch.Tensor:
     """Variance of white noise in ``image`` ``(B, 1, *S)``, per batch element ``(B,)`` (intensity units squared).
 
@@ -64,9 +79,8 @@ def noise_variance(image: torch.Tensor) -> torch.Tensor:
     if image.ndim not in (4, 5) or image.shape[1] != 1:
         raise ValueError(f"noise_variance expects (B, 1, H, W[, D]), got {tuple(image.shape)}")
     image = image.float()
-    pool = F.max_pool3d if image.ndim == 5 else F.max_pool2d
     floor = image.flatten(1).amin(1).view((-1,) + (1,) * (image.ndim - 1))
-    near_floor = pool((image <= floor).float(), 3, stride=1, padding=1) > 0
+    near_floor = grow_one_voxel(image <= floor)
     dims = [d for d in range(2, image.ndim) if image.shape[d] >= 3]
     estimates = []
     for a, b in itertools.combinations(dims, 2):

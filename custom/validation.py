@@ -30,7 +30,7 @@ class InputError(ValueError):
 def check_finite(x, name: str) -> None:
     """Refuse NaN / Inf values, naming ``name`` and the counts."""
     t = torch.as_tensor(x)
-    if not torch.is_floating_point(t):
+    if not torch.is_floating_point(t) or bool(torch.isfinite(t).all()):  # one pass; counted only to report them
         return
     n_nan, n_inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
     if n_nan or n_inf:

@@ -328,6 +328,18 @@ def test_last_profile_splits_the_cpu_time_of_the_pair_into_phases():
     assert phases["level 2 optimisation"] > 0 and sum(phases.values()) <= total + 1e-3
 
 
+def test_warped_outputs_equal_fresh_monai_warps_and_no_reference_grid_is_kept():
+    p = sliding_slabs(shape=(20, 16, 12), shift=2)
+    reg = IterativeSegReg(levels=(2, 1), iterations=(5, 5), **FREE)
+    labels = p["moving_regions"].float()
+    for _ in range(2):  # a second pair reuses the solver's Warp modules
+        out = reg(p["fixed"], p["moving"], p["fixed_regions"], p["moving_regions"])
+        ddf = out["ddf"]
+        assert torch.equal(out["warped_image"], Warp("bilinear", "border")(p["moving"].float(), ddf))
+        assert torch.equal(out["warped_label"], Warp("nearest", "border")(labels, ddf))
+        assert reg.warp_image.ref_grid is None and reg.warp_label.ref_grid is None
+
+
 @pytest.mark.parametrize("nd", [2, 3])
 def test_auto_reg_domain_grows_thin_masks_only(nd):
     # reference: scipy's binary dilation by the (2r+1)^d box for the thin plate; a thick block keeps its own mask

@@ -5,7 +5,7 @@ import pytest
 import torch
 from conftest import requires_cuda
 
-from custom.mind import MINDSSCLoss, mind_ssc, noise_variance, ssc_offset_pairs, structure_weight
+from custom.mind import MINDSSCLoss, grow_one_voxel, mind_ssc, noise_variance, ssc_offset_pairs, structure_weight
 
 
 def shifted(img, offset):
@@ -135,3 +135,12 @@ def test_noise_variance_and_gate_cuda_match_cpu():
     a, b = blocks_with_noise(0.05, seed=1), blocks_with_noise(0.05, seed=2)
     gated = MINDSSCLoss(noise_gate=2.0)
     torch.testing.assert_close(gated(b.cuda(), a.cuda()).cpu(), gated(b, a), rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 9, 7), (1, 2, 8, 6, 5), (1, 1, 1, 6, 4)])
+def test_grow_one_voxel_is_max_pooling_with_a_3_box(shape):
+    import torch.nn.functional as F
+
+    mask = torch.rand(shape, generator=torch.Generator().manual_seed(0)) > 0.9
+    pool = F.max_pool3d if len(shape) == 5 else F.max_pool2d
+    assert torch.equal(grow_one_voxel(mask), pool(mask.float(), 3, stride=1, padding=1) > 0)

@@ -65,6 +65,37 @@ def test_composition_fills_unregistered_labels_with_background_and_keeps_each_su
     torch.testing.assert_close(acc, u)
 
 
+def test_smoothed_region_weights_match_a_whole_grid_reference_and_thin_regions_keep_their_masks():
+    from monai.networks.layers import GaussianFilter
+
+    from custom.composer import FieldComposer
+
+    fixed = torch.zeros((1, 1, 28, 24, 20))
+    fixed[..., 4:14, 4:20, 3:17] = 1  # a block
+    fixed[..., 16:26, 4:20, 9:10] = 2  # a plate one voxel thick: thin once smoothed
+    fixed[..., 16:20, 2:4, 2:4] = 7  # only in the fixed map: background's
+    moving = fixed.clone()
+    moving[fixed == 7] = 0
+    sigma = 1.5
+    plan = RegionPlan.build(fixed, moving, margin=6, warn=False, composer=FieldComposer(sigma=sigma))
+    assert plan.regions == [0, 1, 2]
+    # reference on the whole grid: MONAI's Gaussian of each hard mask, renormalised; thin regions keep their masks
+    lab = fixed[0, 0]
+    hard = [(lab == 0) | (lab == 7), lab == 1, lab == 2]
+    smooth = [GaussianFilter(3, sigma)(h.float()[None, None]).clamp_min(0)[0, 0] for h in hard]
+    total = torch.stack(smooth).sum(0).clamp_min(1e-6)
+    normalised = [sm / total for sm in smooth]
+    thin = [r for r, h, w in zip(plan.regions, hard, normalised) if float(w[h].max()) < 0.5]
+    assert thin == [2]
+    in_thin = lab == 2
+    for _ in range(2):  # weights are cached after the first call: the same values again
+        for i, r in enumerate(plan.regions):
+            expected = normalised[i] * ~in_thin + (hard[i].float() if r in thin else 0.0)
+            got = plan.region_weight(i)[0, 0]
+            torch.testing.assert_close(got, expected[plan.boxes[i]], atol=1e-5, rtol=0)
+    assert plan._thin_regions() == thin
+
+
 def test_global_plan_is_one_unmasked_region_with_one_hot_label_masks():
     fixed, moving = labels()
     plan = RegionPlan.build(fixed, moving, global_region=True, label_ids=[1, 2])

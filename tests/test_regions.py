@@ -138,3 +138,19 @@ def test_merge_map_reports_unknown_labels(tmp_path):
     bad.write_text("{")
     with pytest.raises(ValueError, match="bad.json"):
         load_merge_map(bad)
+
+
+def test_compact_labels_keep_every_id_in_the_smallest_integer_type():
+    from monai.data import MetaTensor
+
+    from custom.regions import compact_labels
+
+    small = torch.tensor([[0.0, 3.0], [117.0, 32767.0]]).t()  # not contiguous, as a NIfTI array arrives
+    out = compact_labels(small)
+    assert out.dtype == torch.int16 and out.is_contiguous() and torch.equal(out.long(), small.long())
+    large = torch.tensor([0.0, 40000.0, 2.0004])  # within check_integer_labels' tolerance of an integer
+    assert compact_labels(large).dtype == torch.int32 and compact_labels(large).tolist() == [0, 40000, 2]
+    assert compact_labels(torch.tensor([-3, 5], dtype=torch.int64)).dtype == torch.int16
+    assert compact_labels(torch.tensor([True, False])).tolist() == [1, 0]
+    meta = compact_labels(MetaTensor(torch.ones(2, 2), meta={"filename_or_obj": "lab.nii.gz"}))
+    assert meta.meta["filename_or_obj"] == "lab.nii.gz"
