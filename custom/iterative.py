@@ -222,7 +222,8 @@ class IterativeSegReg:
             voxels). "auto" (default): on a CPU (on a GPU the per-step count of the points costs a host sync);
             True / False: always / never.
         sparse_fraction: the sparse step is taken while at most this fraction of a batch's voxels is active (above
-            it the dense warp is cheaper).
+            it the dense warp is cheaper). 0.8 (0.5 until bundle 0.3.9): on the 4 mm and 3 mm CBCT-like thorax pairs,
+            5 to 12 % less CPU time per pair than 0.5, 1.0 no better than 0.8.
 
     The voxel spacing (``spacing`` argument of ``__call__``, else the fixed image's affine if it is a ``MetaTensor``,
     else 1 mm) makes the regulariser, the levels and the control grid physical.
@@ -270,7 +271,7 @@ class IterativeSegReg:
         mask_fov: bool | str = "auto",
         sigma_mm: float | None = None,
         sparse_warp: bool | str = "auto",
-        sparse_fraction: float = 0.5,
+        sparse_fraction: float = 0.8,
     ) -> None:
         if field not in ("displacement", "velocity"):
             raise ValueError(f"field must be 'displacement' or 'velocity', got {field!r}")

@@ -5,7 +5,15 @@ import pytest
 import torch
 from conftest import requires_cuda
 
-from custom.mind import MINDSSCLoss, grow_one_voxel, mind_ssc, noise_variance, ssc_offset_pairs, structure_weight
+from custom.mind import (
+    MINDSSCLoss,
+    box_mean,
+    grow_one_voxel,
+    mind_ssc,
+    noise_variance,
+    ssc_offset_pairs,
+    structure_weight,
+)
 
 
 def shifted(img, offset):
@@ -144,3 +152,12 @@ def test_grow_one_voxel_is_max_pooling_with_a_3_box(shape):
     mask = torch.rand(shape, generator=torch.Generator().manual_seed(0)) > 0.9
     pool = F.max_pool3d if len(shape) == 5 else F.max_pool2d
     assert torch.equal(grow_one_voxel(mask), pool(mask.float(), 3, stride=1, padding=1) > 0)
+
+
+@pytest.mark.parametrize("shape, radius", [((2, 3, 9, 8), 1), ((1, 4, 9, 8, 7), 1), ((1, 2, 11, 9, 10), 2)])
+def test_box_mean_is_average_pooling(shape, radius):
+    import torch.nn.functional as F
+
+    x = torch.rand(shape, generator=torch.Generator().manual_seed(1))
+    pool = F.avg_pool3d if len(shape) == 5 else F.avg_pool2d
+    torch.testing.assert_close(box_mean(x, radius), pool(x, 2 * radius + 1, stride=1), rtol=1e-6, atol=1e-6)
