@@ -67,8 +67,8 @@ def load_pair(rec: dict):
     moving = load_nifti(rec["moving_image"])[0]
     fl, ml = (merge_labels(load_nifti(rec[k])[0], mapping, "ignore") for k in ("fixed_label", "moving_label"))
 
-    def tensor(a, scale=False):
-        t = torch.as_tensor(np.asarray(a, np.float32))[None, None]
+    def tensor(a, scale=False):  # C-ordered, as the bundle's collated batches are (a NIfTI array is Fortran-ordered)
+        t = torch.as_tensor(np.ascontiguousarray(a, np.float32))[None, None]
         return ((t + 1000) / 2000).clamp(0, 1) if scale else t
 
     truth = load_nifti(rec["true_displacement"])[0] if rec.get("true_displacement") else None

@@ -728,9 +728,9 @@ class IterativeSegReg:
         if spacing is None and getattr(fixed, "affine", None) is not None:
             spacing = voxel_spacing(fixed.affine).tolist()
         # one memory layout: a volume read from NIfTI arrives Fortran-ordered (first axis fastest), and every
-        # whole-volume pass below (plan, noise level, crops, composition, warping) runs at half speed or less on it
+        # whole-volume pass below (plan, noise level, crops, composition, warping) runs at half speed or less on it;
+        # the plan keeps the label maps as contiguous int16 (custom.regions.compact_labels)
         fixed, moving = plain(fixed).float().contiguous(), plain(moving).float().contiguous()
-        fixed_label, moving_label = (torch.as_tensor(t).contiguous() for t in (fixed_label, moving_label))
         for name, t in (("fixed", fixed), ("moving", moving)):
             check_finite(t, f"the {name} image")
         if not (fixed.shape == moving.shape == fixed_label.shape == moving_label.shape) or fixed.shape[:2] != (1, 1):
@@ -760,7 +760,7 @@ class IterativeSegReg:
                     plan.paste(ddf, task.index, u)
         finally:
             bar.close()
-        moving_label = plain(moving_label)
+        moving_label = plan.moving_label  # the plan's copy: contiguous, integer
         with self.phase("warping"):
             out = {"ddf": ddf, "warped_image": self.warp_image(moving, ddf)}
             # MONAI's Warp caches its reference grid (D floats per voxel) per module: the label warp reuses the image
