@@ -758,9 +758,11 @@ class IterativeSegReg:
                 for task, field in zip(tasks, fields):
                     u = self.integrate(resize_field(field, plan.box_shape(task.index)))
                     plan.paste(ddf, task.index, u)
+                fields = u = None  # a sub-field on its box can be a whole-grid copy: not kept through the warping
         finally:
             bar.close()
         moving_label = plan.moving_label  # the plan's copy: contiguous, integer
+        del plan  # and its cached composition weights (a float box per region): the warping needs the memory
         with self.phase("warping"):
             out = {"ddf": ddf, "warped_image": self.warp_image(moving, ddf)}
             # MONAI's Warp caches its reference grid (D floats per voxel) per module: the label warp reuses the image
