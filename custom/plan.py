@@ -258,8 +258,8 @@ class RegionPlan:
         return self._normalised[i]
 
     def _smoothed_mask(self, i: int) -> torch.Tensor:
-        """Region ``i``'s hard weight smoothed by the composer, on its box; computed once per plan (the normaliser,
-        the thin-region test and the composition all read it: on a 390 x 280 x 300 pair, smoothing each box three
+        """Region ``i``'s hard weight smoothed by the composer, on its box; computed once per plan and kept until
+        :meth:`_smooth_weight` has divided it by the normaliser (on a 390 x 280 x 300 pair, smoothing each box three
         times took two thirds of the registration's CPU time)."""
         if i not in self._smoothed:
             self._smoothed[i] = self.composer.smooth(self._hard_weight(i))
