@@ -28,11 +28,14 @@ def source_name(data, default: str = "<array>") -> str:
 def present_labels(label: torch.Tensor | np.ndarray) -> list[int]:
     """Sorted integer label ids present in a label map (any shape)."""
     label = torch.as_tensor(label)
-    # counting is one pass, unique sorts every voxel (2 s on a 1 mm CT pair): ids 0..65535, whole numbers in a float map
-    if label.numel() and label.dtype != torch.bool and 0 <= float(label.min()) and float(label.max()) < 65536:
-        ids = label.long()
-        if not label.is_floating_point() or bool((ids == label).all()):
-            return torch.bincount(ids.flatten()).nonzero().flatten().tolist()
+    # counting is one pass, unique sorts every voxel (2 s on a 1 mm CT pair): ids 0..65535, whole numbers in float maps;
+    # an integer map (the plan's int16 ones) is counted as it is, without an int64 copy
+    if label.numel() and label.dtype != torch.bool:
+        low, high = (float(v) for v in torch.aminmax(label))
+        if 0 <= low and high < 65536:
+            ids = label.long() if label.is_floating_point() else label
+            if not label.is_floating_point() or bool((ids == label).all()):
+                return torch.bincount(ids.flatten()).nonzero().flatten().tolist()
     values = torch.unique(label).tolist()
     return sorted(int(round(v)) for v in values)
 
