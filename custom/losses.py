@@ -64,6 +64,51 @@ class EDTDiceLoss(_Loss):
         return 0.5 * (self.dice(pred_mask, target_mask) + self.edt_scale * self.edt(pred_edt, target_edt))
 
 
+class _WeightedDiffusion(torch.autograd.Function):
+    """``(B,)``: ``sum_k sum_c coef[b, c, k] * sum_x w_k(x) d_ck(x)^2 / W_k`` for ``ddf`` ``(B, C, *S)``, with ``d_ck``
+    the forward difference of component c along axis k and ``(w_k, W_k)`` the :meth:`RegionDiffusionLoss.border_weights`
+    of axis k (``None``: every difference weighs ``1 / M``). The gradient is written out (``2 coef w d / W``, added at
+    ``x + e_k`` and taken at ``x``): one pass per axis each way, where autograd through the same expression keeps about
+    three times as many whole-grid tensors. Same values as that expression to float rounding."""
+
+    @staticmethod
+    def forward(ctx, ddf: torch.Tensor, coef: torch.Tensor, weights) -> torch.Tensor:
+        b, c = ddf.shape[:2]
+        total = ddf.new_zeros(b)
+        saved, ctx.axes = [], []
+        for k in range(ddf.ndim - 2):
+            axis, n = 2 + k, ddf.shape[2 + k]
+            if n < 2:
+                continue
+            d = ddf.narrow(axis, 1, n - 1) - ddf.narrow(axis, 0, n - 1)
+            if weights is None:
+                wd, norm = d, ddf.new_full((b,), float(d[0, 0].numel()))
+            else:
+                w, norm = weights[k]
+                wd, norm = d * w.to(ddf.dtype).view(b, 1, *d.shape[2:]), norm.to(ddf.dtype)
+            sums = torch.bmm(wd.reshape(b * c, 1, -1), d.reshape(b * c, -1, 1)).view(b, c)  # a dot product, no copy
+            scale = coef[..., k] / norm.unsqueeze(1)  # (B, C)
+            total = total + (sums * scale).sum(1)
+            saved += [wd, scale]
+            ctx.axes.append(axis)
+        ctx.save_for_backward(*saved)  # intermediates too: freed after backward unless the graph is retained
+        ctx.shape = ddf.shape
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        if not ctx.needs_input_grad[0]:
+            return None, None, None
+        saved = ctx.saved_tensors
+        out = grad.new_zeros(ctx.shape)
+        for axis, wd, scale in zip(ctx.axes, saved[0::2], saved[1::2]):
+            n = ctx.shape[axis]
+            g = wd * (2.0 * scale * grad.unsqueeze(1)).view(scale.shape + (1,) * (wd.ndim - 2))
+            out.narrow(axis, 1, n - 1).add_(g)
+            out.narrow(axis, 0, n - 1).sub_(g)
+        return out, None, None
+
+
 class RegionDiffusionLoss(_Loss):
     """L2 diffusion regulariser summed within regions, per millimetre: no finite difference crosses a region border.
 
@@ -114,21 +159,10 @@ class RegionDiffusionLoss(_Loss):
             )
         if weights is None and regions is not None:
             weights = self.border_weights(regions)
-        sp = sp.view((sp.shape[0], dims) + (1,) * dims)
-        if ddf.shape[1] == dims:
-            ddf = ddf * sp
-        total = ddf.new_zeros((ddf.shape[0],))
-        for k in range(dims):
-            axis, n = 2 + k, ddf.shape[2 + k]
-            if n < 2:
-                continue
-            diff = (ddf.narrow(axis, 1, n - 1) - ddf.narrow(axis, 0, n - 1)) / sp[:, k : k + 1]
-            sq = (diff * diff).mean(1).flatten(1)
-            if weights is None:
-                total = total + sq.mean(1)
-                continue
-            w, w_sum = weights[k]
-            total = total + (sq * w.to(sq.dtype)).sum(1) / w_sum.to(sq.dtype)
+        # the mean over components of ((u_c s_c)(x + e_k) - (u_c s_c)(x))^2 / s_k^2: coefficient (s_c / s_k)^2 / C
+        comp = sp if ddf.shape[1] == dims else torch.ones_like(sp[:, :1])
+        coef = (comp.unsqueeze(-1) / sp.unsqueeze(1)).square() / ddf.shape[1]  # (B or 1, C or 1, D)
+        total = _WeightedDiffusion.apply(ddf, coef.expand(ddf.shape[0], ddf.shape[1], dims), weights)
         return reduce(total, self.reduction)
 
 

@@ -83,3 +83,56 @@ def test_precomputed_border_weights_give_the_same_loss_and_gradient():
     torch.testing.assert_close(reused, direct)
     torch.testing.assert_close(g_reused, g_direct)
     assert (direct != loss(ddf, None, spacing)).all()  # the weights matter: no border is crossed
+
+
+def reference_diffusion(ddf, regions, spacing):
+    """The regulariser as written in its docstring, differentiated by autograd (one row of spacing per case)."""
+    dims = ddf.ndim - 2
+    sp = spacing.view(ddf.shape[0], dims, *[1] * dims)
+    u = ddf * sp if ddf.shape[1] == dims else ddf
+    total = 0
+    for k in range(dims):
+        axis, n = 2 + k, ddf.shape[2 + k]
+        if n < 2:  # an axis of one voxel has no difference
+            continue
+        diff = (u.narrow(axis, 1, n - 1) - u.narrow(axis, 0, n - 1)) / sp[:, k : k + 1]
+        sq = diff.square().mean(1)
+        if regions is None:
+            total = total + sq.flatten(1).mean(1)
+            continue
+        w = (regions.narrow(axis, 1, n - 1) * regions.narrow(axis, 0, n - 1)).sum(1)
+        total = total + (sq * w).flatten(1).sum(1) / w.flatten(1).sum(1).clamp_min(1.0)
+    return total
+
+
+@pytest.mark.parametrize("shape, channels", [((7, 6, 5), 3), ((9, 8), 2), ((6, 1, 5), 3), ((7, 6), 1)])
+@pytest.mark.parametrize("soft", [False, True])
+def test_loss_and_gradient_match_autograd_through_the_written_expression(shape, channels, soft):
+    # the loss writes its gradient out; autograd through the plain expression is the independent reference
+    torch.manual_seed(0)
+    dims = len(shape)
+    ddf = torch.randn((2, channels) + shape, dtype=torch.float64, requires_grad=True)
+    label = torch.randint(0, 3, (2, 1) + shape)
+    regions = labels_to_regions(label, [0, 1, 2]).double()
+    if soft:
+        regions = regions * torch.rand_like(regions)
+    spacing = torch.tensor([[1.0, 2.0, 3.0][:dims], [0.5, 1.5, 1.0][:dims]], dtype=torch.float64)
+    for reg in (regions, None):
+        got = RegionDiffusionLoss(reduction="none")(ddf, reg, spacing)
+        want = reference_diffusion(ddf, reg, spacing)
+        torch.testing.assert_close(got, want)
+        weights = torch.tensor([0.7, -1.3], dtype=torch.float64)
+        (g_got,) = torch.autograd.grad((got * weights).sum(), ddf)
+        (g_want,) = torch.autograd.grad((want * weights).sum(), ddf)
+        torch.testing.assert_close(g_got, g_want)
+    check = ddf.detach()[:1, :, :4].clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda u: RegionDiffusionLoss()(u, regions[:1, :, :4], spacing[:1]), (check,))
+
+
+def test_backward_frees_the_saved_differences_unless_the_graph_is_retained():
+    ddf = torch.randn((1, 3, 5, 4, 3), requires_grad=True)
+    loss = RegionDiffusionLoss()(ddf, split_regions((5, 4, 3), border=2))
+    loss.backward(retain_graph=True)
+    loss.backward()
+    with pytest.raises(RuntimeError, match="second time"):  # autograd's own error: the buffers were freed
+        loss.backward()
