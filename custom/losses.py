@@ -73,6 +73,13 @@ class _WeightedDiffusion(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, ddf: torch.Tensor, coef: torch.Tensor, weights) -> torch.Tensor:
+        ctx.dtype = ddf.dtype
+        with torch.autocast(ddf.device.type, enabled=False):  # sums over a whole grid: never in half precision
+            ddf = ddf.to(torch.promote_types(ddf.dtype, torch.float32))
+            return _WeightedDiffusion._forward(ctx, ddf, coef.to(ddf.dtype), weights)
+
+    @staticmethod
+    def _forward(ctx, ddf: torch.Tensor, coef: torch.Tensor, weights) -> torch.Tensor:
         b, c = ddf.shape[:2]
         total = ddf.new_zeros(b)
         saved, ctx.axes = [], []
@@ -100,13 +107,14 @@ class _WeightedDiffusion(torch.autograd.Function):
         if not ctx.needs_input_grad[0]:
             return None, None, None
         saved = ctx.saved_tensors
+        grad = grad.to(saved[0].dtype) if saved else grad
         out = grad.new_zeros(ctx.shape)
         for axis, wd, scale in zip(ctx.axes, saved[0::2], saved[1::2]):
             n = ctx.shape[axis]
             g = wd * (2.0 * scale * grad.unsqueeze(1)).view(scale.shape + (1,) * (wd.ndim - 2))
             out.narrow(axis, 1, n - 1).add_(g)
             out.narrow(axis, 0, n - 1).sub_(g)
-        return out, None, None
+        return out.to(ctx.dtype), None, None
 
 
 class RegionDiffusionLoss(_Loss):
@@ -152,7 +160,9 @@ class RegionDiffusionLoss(_Loss):
             raise ValueError(f"regions {tuple(regions.shape)} do not match ddf {tuple(ddf.shape)}")
         sp = spacing if spacing is not None else self.spacing
         sp = torch.ones(dims) if sp is None else torch.as_tensor(sp, dtype=torch.float32)
-        sp = sp.to(device=ddf.device, dtype=ddf.dtype).reshape(-1, sp.shape[-1] if sp.ndim else 1)
+        sp = sp.to(device=ddf.device, dtype=torch.promote_types(ddf.dtype, torch.float32)).reshape(
+            -1, sp.shape[-1] if sp.ndim else 1
+        )
         if sp.shape[-1] != dims or sp.shape[0] not in (1, ddf.shape[0]):
             raise ValueError(
                 f"spacing {sp.tolist()} must give one value per spatial axis ({dims}), or one row per case"

@@ -136,3 +136,20 @@ def test_backward_frees_the_saved_differences_unless_the_graph_is_retained():
     loss.backward()
     with pytest.raises(RuntimeError, match="second time"):  # autograd's own error: the buffers were freed
         loss.backward()
+
+
+def test_autocast_does_not_take_the_whole_grid_sums_to_half_precision():
+    # under AMP the network's field may arrive in bfloat16 / float16; the loss sums over the grid in float32
+    torch.manual_seed(0)
+    ddf = torch.randn((2, 3, 12, 10, 9))
+    regions = labels_to_regions(torch.randint(0, 2, (2, 1, 12, 10, 9)), [0, 1])
+    want = RegionDiffusionLoss(reduction="none")(ddf, regions)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = RegionDiffusionLoss(reduction="none")(ddf, regions)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
+    half = ddf.to(torch.bfloat16).requires_grad_()
+    loss = RegionDiffusionLoss()(half, regions)
+    loss.backward()
+    assert half.grad.dtype == torch.bfloat16 and torch.isfinite(half.grad).all()
+    torch.testing.assert_close(loss, RegionDiffusionLoss()(half.detach().float(), regions))
