@@ -92,9 +92,9 @@ class _WeightedDiffusion(torch.autograd.Function):
                 wd, norm = d, ddf.new_full((b,), float(d[0, 0].numel()))
             else:
                 w, norm = weights[k]
-                wd, norm = d * w.to(ddf.dtype).view(b, 1, *d.shape[2:]), norm.to(ddf.dtype)
+                wd, norm = d * w.to(ddf.dtype).view(w.shape[0], 1, *d.shape[2:]), norm.to(ddf.dtype)
             sums = (wd * d).flatten(2).sum(2)  # (B, C); not bmm: BLAS threads spin on small grids
-            scale = coef[..., k] / norm.unsqueeze(1)  # (B, C)
+            scale = coef[..., k] / norm.unsqueeze(1)  # (B, C); weights of one case broadcast over the batch
             total = total + (sums * scale).sum(1)
             saved += [wd, scale]
             ctx.axes.append(axis)
@@ -103,6 +103,7 @@ class _WeightedDiffusion(torch.autograd.Function):
         return total
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # no second derivative: a double backward raises
     def backward(ctx, grad: torch.Tensor):
         if not ctx.needs_input_grad[0]:
             return None, None, None

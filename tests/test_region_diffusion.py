@@ -153,3 +153,14 @@ def test_autocast_does_not_take_the_whole_grid_sums_to_half_precision():
     loss.backward()
     assert half.grad.dtype == torch.bfloat16 and torch.isfinite(half.grad).all()
     torch.testing.assert_close(loss, RegionDiffusionLoss()(half.detach().float(), regions))
+
+
+def test_one_set_of_border_weights_serves_a_batch_and_double_backward_is_refused():
+    ddf = torch.randn((3, 3, 6, 5, 4), requires_grad=True)
+    regions = split_regions((6, 5, 4), border=3)
+    loss = RegionDiffusionLoss(reduction="none")
+    shared = loss(ddf, spacing=[1.0, 2.0, 1.5], weights=loss.border_weights(regions))
+    torch.testing.assert_close(shared, loss(ddf, regions.expand(3, -1, -1, -1, -1), [1.0, 2.0, 1.5]))
+    (grad,) = torch.autograd.grad(shared.sum(), ddf, create_graph=True)
+    with pytest.raises(RuntimeError):
+        grad.sum().backward()
