@@ -5,8 +5,9 @@ Usage: ``python benchmarks/solver_scaling.py [--subjects 2] [--data /tmp/segreg_
 
 Two sets of ``make_thorax(realism="cbct")`` (every subject's two CBCT -> FBCT pairs): 80 x 64 x 64 at 4 mm and
 96 x 80 x 96 at 3 mm. Each row is the ``segreg_thorax`` bundle's solver (``synthetic_sets.THORAX_SETTINGS``, the
-``extended`` region set, ground-truth labels) with one setting changed: a finer control grid (``grid_spacing 1``), a
-finer last level, more iterations, and a last level at 8 mm (the coarse end: about the cost of ANTs SyN's defaults on
+``extended`` region set, ground-truth labels) with one setting changed: every voxel scored at every step
+(``sample_stride 1``, the solver before bundle 0.3.11), a finer control grid (``grid_spacing 1``), a finer last level,
+more iterations, and a last level at 8 mm (the coarse end: about the cost of ANTs SyN's defaults on
 these volumes, whose pyramid also ends at half their resolution). The row "grid 1, one-voxel basis" is the solver before
 ``custom.iterative.ControlGrid`` (Adam on one parameter per voxel), for the before/after comparison. Scores against the
 exact motion inside the CBCT field of view (``region_sets.score``): EPE over the lungs, liver + stomach + spleen and
@@ -33,14 +34,16 @@ from custom.synthetic.thorax import make_thorax
 SETS = {"4 mm": ((80, 64, 64), (4.0, 4.0, 4.0), 7), "3 mm": ((96, 80, 96), (3.0, 3.0, 3.0), 11)}
 ROWS = {
     "4 mm": [
-        ("bundle defaults (grid 2, levels 16/8/4 mm)", {}),
+        ("bundle defaults (grid 2, levels 16/8/4 mm, lattice stride 2)", {}),
+        ("every voxel at every step (sample_stride 1, before 0.3.11)", {"sample_stride": 1}),
         ("grid 1", {"grid_spacing": 1}),
         ("grid 1, one-voxel basis (before)", {"grid_spacing": 1, "_one_voxel_basis": True}),
         ("more iterations (50/20/20)", {"iterations": (50, 20, 20)}),
         ("levels 16/8 mm (last level at 8 mm, 50/20)", {"level_spacing_mm": (16.0, 8.0), "iterations": (50, 20)}),
     ],
     "3 mm": [
-        ("bundle defaults (grid 2, levels 16/8/4 mm)", {}),
+        ("bundle defaults (grid 2, levels 16/8/4 mm, lattice stride 2)", {}),
+        ("every voxel at every step (sample_stride 1, before 0.3.11)", {"sample_stride": 1}),
         ("grid 1", {"grid_spacing": 1}),
         ("grid 1, one-voxel basis (before)", {"grid_spacing": 1, "_one_voxel_basis": True}),
         (

@@ -30,6 +30,7 @@ THORAX_SETTINGS = {
     "reg_domain": "auto",
     "sigma_mm": 2.0,
     "mask_only_levels": 2,
+    "sample_stride": 2,
 }
 
 

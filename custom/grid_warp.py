@@ -41,9 +41,13 @@ class GridWarp:
             self._key = key
         return self._base, self._scale
 
-    def grid(self, ddf: torch.Tensor) -> torch.Tensor:
-        """``grid_sample``'s grid ``(B, *S, D)`` for ``ddf`` ``(B, D, *S)``."""
+    def grid(self, ddf: torch.Tensor, lattice: tuple[slice, ...] | None = None) -> torch.Tensor:
+        """``grid_sample``'s grid ``(B, *S, D)`` for ``ddf`` ``(B, D, *S)``; with ``lattice`` (one slice per spatial
+        axis, e.g. every second voxel) only at those voxels, ``(B, *S', D)``."""
         base, scale = self.identity(ddf)
+        if lattice is not None:
+            base = base[(slice(None),) + tuple(lattice)]
+            ddf = ddf[(slice(None), slice(None)) + tuple(lattice)]
         return base + ddf.flip(1).movedim(1, -1) * scale
 
     def sample(self, image: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:

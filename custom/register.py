@@ -124,6 +124,7 @@ def iterative_registration(
     mask_only_levels: int | None = None,
     mask_fov: bool | str = "auto",
     sigma_mm: float | None = None,
+    sample_stride: int = 1,
 ) -> dict:
     """Training-free SegReg of one pair (MIND-SSC + Dice + L2 within regions) in the fixed image's physical space.
 
@@ -140,7 +141,9 @@ def iterative_registration(
     ``sigma`` / ``sigma_mm``: Gaussian smoothing of the composition weights in voxels or in mm (give one).
     ``grid_spacing``: control points every this many voxels of each level; ``mask_only_levels``: the levels at which
     regions outside the field of view are optimised; ``mask_fov``: whether the mask loss counts inside the field of
-    view only ("auto": when the fixed labels end at it; see ``IterativeSegReg``).
+    view only ("auto": when the fixed labels end at it; see ``IterativeSegReg``); ``sample_stride``: score the large
+    regions on every this-many-th voxel per axis at each step (the lattice shifting from step to step; 1: every
+    voxel; see ``IterativeSegReg``).
     """
     from monai.losses import DiceLoss
     from monai.transforms import Compose, ScaleIntensityRanged, ScaleIntensityRangePercentilesd
@@ -205,6 +208,7 @@ def iterative_registration(
         grid_spacing=grid_spacing,
         mask_only_levels=mask_only_levels,
         mask_fov=mask_fov,
+        sample_stride=sample_stride,
         num_threads=4,  # small crops: more CPU threads add CPU time, not speed
     )
     with torch.enable_grad():
@@ -242,6 +246,7 @@ def register(
     progress: bool = True,
     transform: str | None = None,
     inverse: bool = False,
+    sample_stride: int = 1,
 ) -> dict:
     """Register a moving NIfTI image onto a fixed one (any orientation, spacing or origin).
 
@@ -276,6 +281,9 @@ def register(
             ``custom.interop``).
         inverse: also write the inverse (moving -> fixed; the Learn2Reg form of the reversed pair, and its
             ``--transform`` form) and print its inverse-consistency error (``custom.inverse``).
+        sample_stride: the iterative modes score large regions on every this-many-th voxel per axis at each step,
+            the lattice shifting from step to step (1: every voxel, default; the thorax bundle uses 2: 30 to 45 %
+            less CPU time per pair at the same errors, see ``custom.iterative.IterativeSegReg``).
 
     Boolean options take true/false, yes/no, on/off or 1/0 in any case (``custom.flags``).
     """
@@ -289,6 +297,7 @@ def register(
         raise InputError(f"--transform must be itk, ants or none, got {transform!r}")
     sigma, noise_gate = optional_float(sigma, "sigma"), optional_float(noise_gate, "noise_gate")
     sigma_mm = optional_float(sigma_mm, "sigma_mm")
+    sample_stride = _stride(sample_stride)
     if sigma is not None and sigma_mm is not None:
         raise InputError("give --sigma (voxels) or --sigma_mm (mm), not both")
     if mode not in ("iterative", "global", "bundle"):
@@ -327,6 +336,7 @@ def register(
         sigma_mm=sigma_mm,
         noise_gate=noise_gate,
         in_plane=in_plane,
+        sample_stride=sample_stride,
     )
     save_displacement(
         res["disp"].numpy(), names["disp"], res["fixed_affine"], res["moving_affine"], res["moving_shape"]
@@ -406,6 +416,13 @@ def _ints(values, name: str) -> tuple[int, ...]:
         return tuple(int(v) for v in values)
     except (TypeError, ValueError):
         raise InputError(f"--{name} takes whole numbers, e.g. --{name} '[4,2,1]'; got {values!r}") from None
+
+
+def _stride(value) -> int:
+    (stride,) = _ints(value, "sample_stride")
+    if stride < 1:
+        raise InputError(f"--sample_stride takes a whole number >= 1 (1: every voxel), got {value!r}")
+    return stride
 
 
 def _floats(values, name: str) -> tuple[float, ...]:
