@@ -42,6 +42,8 @@ PEER_NAMES = {"convexadam": "ConvexAdam", "ants_syn": "ANTs SyN"}
 
 def case_record(out: Path, name: str) -> dict:
     """The validation pair of case ``name`` (generated into ``out/name`` on first use)."""
+    from synthetic_sets import in_child_process
+
     from custom.datasets.learn2reg import learn2reg_pairs
     from custom.synthetic.thorax import make_thorax
 
@@ -49,7 +51,7 @@ def case_record(out: Path, name: str) -> dict:
     js = out / name / "ThoraxCBCT_dataset.json"
     if not js.exists():
         print(f"generating {name} in {js.parent} ...", flush=True)
-        make_thorax(str(js.parent), n_subjects=n_subjects, shape=shape, spacing=spacing)
+        in_child_process(make_thorax, str(js.parent), n_subjects=n_subjects, shape=shape, spacing=spacing)
     return learn2reg_pairs(js, "registration_val", "segmentationsTr")[0]
 
 

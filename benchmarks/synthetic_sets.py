@@ -8,6 +8,7 @@ TotalSegmentator -> 13 regions merge map.
 
 from __future__ import annotations
 
+import multiprocessing
 import time
 from pathlib import Path
 
@@ -34,6 +35,19 @@ THORAX_SETTINGS = {
 }
 
 
+def in_child_process(fn, *args, **kwargs) -> None:
+    """``fn(*args, **kwargs)`` in a fresh (spawned) process. Generating a set in the benchmark's own process would
+    raise its peak resident memory, which Linux keeps across fork and exec: every worker started after it would report
+    the generator's peak as its own."""
+    job = multiprocessing.get_context("spawn").Process(target=fn, args=args, kwargs=kwargs)
+    job.start()
+    job.join()
+    if job.exitcode != 0:
+        raise RuntimeError(
+            f"{getattr(fn, '__name__', fn)}{args} failed in its child process (exit code {job.exitcode})"
+        )
+
+
 def synthetic_set(name: str, data: Path, n_pairs: int | None = None):
     """``(records, label ids, registration settings, merge map or None)`` of the synthetic ``name`` under ``data``.
 
@@ -44,7 +58,7 @@ def synthetic_set(name: str, data: Path, n_pairs: int | None = None):
     from custom.__main__ import make_data
 
     if not (data / name).exists():
-        make_data(name, str(data))
+        in_child_process(make_data, name, str(data))
     if name == "acdc":
         recs = [
             r
