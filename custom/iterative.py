@@ -260,8 +260,8 @@ class IterativeSegReg:
             that can differ from their background (large regions; a small one keeps every voxel) and an image term
             (regions registered by their masks alone keep every voxel: that loss lives on the borders), with the loss
             of the sparse step (features + linear Dice + region diffusion), on a CPU and on a GPU alike. The thorax
-            bundle uses 2: on the CBCT-like thorax pairs 43 % less CPU time per pair, lung EPE and TRE the same
-            within the pairs' spread (``docs/benchmarks/solver_scaling.md``).
+            bundle uses 2: on the CBCT-like thorax pairs 28 to 32 % less CPU time per pair, lung EPE and TRE
+            the same within the pairs' spread (``docs/benchmarks/solver_scaling.md``).
         sample_min_points: see ``sample_stride``. 20000 (2500 lattice points per step at stride 2): with 5000 the
             medium regions of the simple synthetic thorax (seed13) lost 0.13 mm of EPE per region (1.48 -> 1.61 mm,
             2 pairs), with 20000 0.01; on the CBCT-like pairs both gave the same errors.

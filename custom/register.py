@@ -282,8 +282,8 @@ def register(
         inverse: also write the inverse (moving -> fixed; the Learn2Reg form of the reversed pair, and its
             ``--transform`` form) and print its inverse-consistency error (``custom.inverse``).
         sample_stride: the iterative modes score large regions on every this-many-th voxel per axis at each step,
-            the lattice shifting from step to step (1: every voxel, default; the thorax bundle uses 2: 43 % less
-            CPU time per pair at the same errors, see ``custom.iterative.IterativeSegReg``).
+            the lattice shifting from step to step (1: every voxel, default; the thorax bundle uses 2: about 30 %
+            less CPU time per pair at the same errors on CBCT-like data, see ``custom.iterative.IterativeSegReg``).
 
     Boolean options take true/false, yes/no, on/off or 1/0 in any case (``custom.flags``).
     """
