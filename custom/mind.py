@@ -10,7 +10,7 @@ from monai.utils import LossReduction
 from torch.nn.modules.loss import _Loss
 
 from custom.flags import optional_float
-from custom.utils import reduce
+from custom.utils import box_extreme, reduce
 
 
 def ssc_offset_pairs(spatial_dims: int = 3) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
@@ -67,17 +67,9 @@ def _second_difference(x: torch.Tensor, dim: int) -> torch.Tensor:
 
 def grow_one_voxel(mask: torch.Tensor) -> torch.Tensor:
     """Bool ``(B, C, *S)`` mask grown by one voxel (the ``3^d`` box), as max-pooling with kernel 3 and padding 1 gives,
-    one axis at a time on bytes: a quarter of the memory traffic of pooling a float copy, and no unfolded windows."""
-    out = mask
-    for d in range(2, mask.ndim):
-        n = mask.shape[d]
-        if n < 2:
-            continue
-        grown = out.clone()
-        grown.narrow(d, 1, n - 1).logical_or_(out.narrow(d, 0, n - 1))
-        grown.narrow(d, 0, n - 1).logical_or_(out.narrow(d, 1, n - 1))
-        out = grown
-    return out
+    one axis at a time on bytes (:func:`~custom.utils.box_extreme`): a quarter of the memory traffic of pooling a float
+    copy, and no unfolded windows."""
+    return box_extreme(mask, largest=True)
 
 
 def noise_variance(image: torch.Tensor) -> torch.Tensor:

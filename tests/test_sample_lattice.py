@@ -11,10 +11,11 @@ from conftest import requires_cuda
 from monai.losses import DiceLoss
 from test_sparse_warp import build_batch, two_blob_pair
 
-from custom.iterative import ControlGrid, IterativeSegReg, box_extreme, dilate, is_thin
+from custom.iterative import ControlGrid, IterativeSegReg, dilate, is_thin
 from custom.losses import RegionDiffusionLoss, SegRegLoss
 from custom.mind import MINDSSCLoss
 from custom.region_batch import RegionBatch, resize_field
+from custom.utils import box_extreme
 
 EVEN = (36, 32, 22)  # the pair's region boxes pad to 34 x 30 x 20: every lattice phase holds the same voxel count
 
@@ -155,6 +156,9 @@ def test_box_filters_equal_max_pooling(nd):
         soft = torch.rand((2, 1) + shape, generator=g) * (torch.rand((2, 1) + shape, generator=g) < 0.4)
         assert torch.equal(box_extreme(soft, largest=True), pool(soft, 3, stride=1, padding=1))
         assert torch.equal(box_extreme(soft, largest=False), -pool(-soft, 3, stride=1, padding=1))
+        binary = soft > 0.2  # bool masks: grown and eroded in place, the same voxels as pooling
+        assert torch.equal(box_extreme(binary, largest=True), pool(binary.float(), 3, stride=1, padding=1) > 0)
+        assert torch.equal(box_extreme(binary, largest=False), -pool(-binary.float(), 3, stride=1, padding=1) > 0)
         for radius in (1, 2):
             assert torch.equal(dilate(soft, radius), pool(soft, 2 * radius + 1, stride=1, padding=radius))
         mask = soft[:1]
