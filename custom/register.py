@@ -419,10 +419,10 @@ def _ints(values, name: str) -> tuple[int, ...]:
 
 
 def _stride(value) -> int:
-    (stride,) = _ints(value, "sample_stride")
-    if stride < 1:
-        raise InputError(f"--sample_stride takes a whole number >= 1 (1: every voxel), got {value!r}")
-    return stride
+    strides = _ints(value, "sample_stride")
+    if len(strides) != 1 or strides[0] < 1:
+        raise InputError(f"--sample_stride takes one whole number >= 1 (1: every voxel), got {value!r}")
+    return strides[0]
 
 
 def _floats(values, name: str) -> tuple[float, ...]:

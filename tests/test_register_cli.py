@@ -114,7 +114,7 @@ def test_bad_inputs_name_the_file_or_option(tmp_path):
         register(f, f, out_dir=str(tmp_path / "o"), in_plane=True, **FAST)
     with pytest.raises(ValueError, match="levels"):
         register(f, f, out_dir=str(tmp_path / "o"), levels="abc", iterations=(1,), progress=False)
-    for stride in (0, "two"):
+    for stride in (0, "two", (2, 3)):
         with pytest.raises(ValueError, match="sample_stride"):
             register(f, f, out_dir=str(tmp_path / "o"), sample_stride=stride, **FAST)
     blocked = tmp_path / "plain_file"
