@@ -638,7 +638,8 @@ class IterativeSegReg:
         keys = ("fixed", "sim_weight", "fixed_masks", "mask_domain")
         return {**{k: getattr(batch, k) for k in keys}, "bg_sq": terms["bg_sq"], "scale": 1.0}
 
-    def lattice_view(self, batch: RegionBatch, lattice: tuple[slice, ...], phase: int) -> dict:
+    @staticmethod
+    def lattice_view(batch: RegionBatch, lattice: tuple[slice, ...], phase: int) -> dict:
         """:meth:`full_view` at the voxels of ``lattice`` (one slice per axis; cached per ``phase``), ``scale`` the
         voxels per lattice point."""
         views = batch.cache.setdefault("lattice", {})

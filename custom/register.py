@@ -419,10 +419,13 @@ def _ints(values, name: str) -> tuple[int, ...]:
 
 
 def _stride(value) -> int:
-    strides = _ints(value, "sample_stride")
-    if len(strides) != 1 or strides[0] < 1:
+    try:
+        stride = int(value) if not isinstance(value, bool) else -1
+    except (TypeError, ValueError):
+        stride = -1
+    if stride < 1 or str(stride) != str(value).strip():
         raise InputError(f"--sample_stride takes one whole number >= 1 (1: every voxel), got {value!r}")
-    return strides[0]
+    return stride
 
 
 def _floats(values, name: str) -> tuple[float, ...]:
