@@ -139,6 +139,35 @@ def test_lattice_solver_registers_a_shift_like_the_full_one(monkeypatch):
         assert bool(calls) == (stride == 2)
 
 
+@pytest.mark.parametrize("stride", [1, 2])
+def test_a_lattice_batch_returns_its_last_iterate_a_full_one_its_best(stride, monkeypatch):
+    # every call's loss is made higher than the one before (a constant: the gradients do not change); a full batch
+    # keeps its lowest loss's iterate (the start), a lattice batch, whose losses are noisy estimates, its last one
+    weights = {"sim": 10.0, "mask": 1.0, "reg": 5.0}
+    reg = solver(weights, sample_stride=stride, sample_min_points=1, tolerance=0)
+    batch = build_batch(reg, two_blob_pair(shape=EVEN))
+    assert reg.lattice_stride(batch) == stride
+    calls, params = [], []
+    original = reg.batch_losses
+    monkeypatch.setattr(reg, "batch_losses", lambda b, u: original(b, u) + 100.0 * (calls.append(1) or len(calls)))
+    adam_step = torch.optim.Adam.step
+
+    def recording_step(opt, *args):  # the control-grid parameters after each step
+        out = adam_step(opt, *args)
+        params.append(opt.param_groups[0]["params"][0].detach().clone())
+        return out
+
+    monkeypatch.setattr(torch.optim.Adam, "step", recording_step)
+    init = smooth_field(batch.shape, amplitude=0.5)
+    out = reg.optimise_batch(batch, init, 6)
+    assert len(calls) == len(params) == 6
+    basis = ControlGrid(params[-1].shape[2:], batch.shape)
+    start = basis.field(basis.parameters_of(init))
+    want = basis.field(params[-1]) if stride == 2 else start
+    torch.testing.assert_close(out, want)
+    assert float((basis.field(params[-1]) - start).abs().max()) > 1e-3  # the two candidates differ
+
+
 def test_control_grid_field_is_resize_field_of_the_smoothed_parameters():
     # the rescaling to level voxels is taken on the control grid: the same field as resizing first (float64)
     for grid, size in (([5, 6, 7], [9, 11, 13]), ([9, 11, 13], [9, 11, 13]), ([4, 4], [8, 9]), ([9, 5], [9, 8])):
