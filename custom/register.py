@@ -256,8 +256,9 @@ def register(
             present in both, separately, and composes the fields. Without them the whole image is one region.
         out_dir: destination: the displacement (Learn2Reg form, fixed grid and header) and, with ``save_warped``,
             the moving image (linear) and label map (nearest) warped onto the fixed grid.
-        mode: "iterative" (training-free), "global" (one region, same optimiser) or "bundle" (a trained bundle's
-            ``inference.json`` on this pair: ``bundle``, ``variant``, ``ckpt_path``).
+        mode: "iterative" (training-free), "global" (one region, same optimiser) or "bundle" (a bundle's
+            ``inference.json`` on this pair: ``bundle``, ``variant``, ``ckpt_path``, which the other modes refuse; the
+            thorax bundle's runs its iterative solver with the bundle's settings).
         save_warped: also write the warped moving image and label map (true/false).
         levels, iterations: multi-resolution schedule of the iterative modes.
         level_spacing_mm: the levels as voxel sizes in mm instead of factors, e.g. ``16,8`` (the thorax bundle's):
@@ -302,6 +303,16 @@ def register(
         raise InputError("give --sigma (voxels) or --sigma_mm (mm), not both")
     if mode not in ("iterative", "global", "bundle"):
         raise InputError(f"--mode must be 'iterative', 'global' or 'bundle', got {mode!r}")
+    chosen = [
+        f"--{k}" for k, v in (("bundle", bundle), ("variant", variant), ("ckpt_path", ckpt_path)) if v is not None
+    ]
+    if mode != "bundle" and chosen:  # these would be ignored: the iterative modes take their settings from the flags
+        verb = "applies" if len(chosen) == 1 else "apply"
+        raise InputError(
+            f"{', '.join(chosen)} {verb} to --mode bundle only (--mode bundle --bundle bundles/segreg_thorax runs that "
+            f"bundle's own settings on the pair); --mode {mode} takes its settings from --levels or "
+            "--level_spacing_mm, --iterations, --reg_domain, --sigma_mm and --sample_stride"
+        )
     check_output_dir(out_dir)  # before any work
     if mode == "bundle":
         names = bundle_output_names(fixed, moving, out_dir)

@@ -117,6 +117,11 @@ def test_bad_inputs_name_the_file_or_option(tmp_path):
     for stride in (0, "two", (2, 3)):
         with pytest.raises(ValueError, match="sample_stride"):
             register(f, f, out_dir=str(tmp_path / "o"), sample_stride=stride, **FAST)
+    for mode in ("iterative", "global"):  # a bundle named outside --mode bundle would be ignored: refused
+        with pytest.raises(ValueError, match=r"--bundle applies to --mode bundle only"):
+            register(f, f, out_dir=str(tmp_path / "o"), mode=mode, bundle="bundles/segreg_thorax", **FAST)
+    with pytest.raises(ValueError, match=r"--variant, --ckpt_path apply to --mode bundle only"):
+        register(f, f, out_dir=str(tmp_path / "o"), variant="segreg", ckpt_path="m.pt", **FAST)
     blocked = tmp_path / "plain_file"
     blocked.write_text("x")
     with pytest.raises(ValueError, match="cannot write to the output folder"):
