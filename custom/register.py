@@ -6,6 +6,7 @@ Displacements are written in the Learn2Reg form on the fixed image's original gr
 
 from __future__ import annotations
 
+import inspect
 import os
 from pathlib import Path
 
@@ -258,7 +259,8 @@ def register(
             the moving image (linear) and label map (nearest) warped onto the fixed grid.
         mode: "iterative" (training-free), "global" (one region, same optimiser) or "bundle" (a bundle's
             ``inference.json`` on this pair: ``bundle``, ``variant``, ``ckpt_path``, which the other modes refuse; the
-            thorax bundle's runs its iterative solver with the bundle's settings).
+            thorax bundle's runs its iterative solver with the bundle's settings, so ``--mode bundle`` refuses the
+            iterative modes' solver options below: set them in the bundle's config).
         save_warped: also write the warped moving image and label map (true/false).
         levels, iterations: multi-resolution schedule of the iterative modes.
         level_spacing_mm: the levels as voxel sizes in mm instead of factors, e.g. ``16,8`` (the thorax bundle's):
@@ -313,6 +315,18 @@ def register(
             f"bundle's own settings on the pair); --mode {mode} takes its settings from --levels or "
             "--level_spacing_mm, --iterations, --reg_domain, --sigma_mm and --sample_stride"
         )
+    if mode == "bundle":  # the bundle's config sets its solver: the iterative modes' flags would be ignored
+        default = {k: p.default for k, p in inspect.signature(register).parameters.items()}
+        given = dict(levels=levels, iterations=iterations, level_spacing_mm=level_spacing_mm, reg_domain=reg_domain)
+        given.update(sigma=sigma, sigma_mm=sigma_mm, noise_gate=noise_gate, sample_stride=sample_stride)
+        for k in ("levels", "iterations"):
+            given[k], default[k] = _ints(given[k], k), _ints(default[k], k)
+        ignored = [f"--{k}" for k, v in given.items() if v != default[k]]
+        if ignored:
+            raise InputError(
+                f"{', '.join(ignored)} set the iterative modes; --mode bundle runs the bundle's own settings (change "
+                "them in its configs/inference.json, or on `python -m monai.bundle run`, e.g. --sample_stride 1)"
+            )
     check_output_dir(out_dir)  # before any work
     if mode == "bundle":
         names = bundle_output_names(fixed, moving, out_dir)

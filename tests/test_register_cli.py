@@ -122,6 +122,10 @@ def test_bad_inputs_name_the_file_or_option(tmp_path):
             register(f, f, out_dir=str(tmp_path / "o"), mode=mode, bundle="bundles/segreg_thorax", **FAST)
     with pytest.raises(ValueError, match=r"--variant, --ckpt_path apply to --mode bundle only"):
         register(f, f, out_dir=str(tmp_path / "o"), variant="segreg", ckpt_path="m.pt", **FAST)
+    for flag, value in (("sample_stride", 2), ("levels", (2, 1)), ("noise_gate", "none"), ("reg_domain", "auto")):
+        with pytest.raises(ValueError, match=f"--{flag} set the iterative modes"):  # the bundle's config decides
+            register(f, f, out_dir=str(tmp_path / "b"), mode="bundle", bundle="segreg_thorax", **{flag: value})
+    assert not (tmp_path / "b").exists()  # refused before any work
     blocked = tmp_path / "plain_file"
     blocked.write_text("x")
     with pytest.raises(ValueError, match="cannot write to the output folder"):
