@@ -258,9 +258,9 @@ def register(
         out_dir: destination: the displacement (Learn2Reg form, fixed grid and header) and, with ``save_warped``,
             the moving image (linear) and label map (nearest) warped onto the fixed grid.
         mode: "iterative" (training-free), "global" (one region, same optimiser) or "bundle" (a bundle's
-            ``inference.json`` on this pair: ``bundle``, ``variant``, ``ckpt_path``, which the other modes refuse; the
-            thorax bundle's runs its iterative solver with the bundle's settings, so ``--mode bundle`` refuses the
-            iterative modes' solver options below: set them in the bundle's config).
+            ``inference.json`` on this pair with the bundle's own settings, e.g. the thorax bundle's iterative solver:
+            ``bundle``, ``variant``, ``ckpt_path``, which the other modes refuse; it refuses the solver options below,
+            which its config sets).
         save_warped: also write the warped moving image and label map (true/false).
         levels, iterations: multi-resolution schedule of the iterative modes.
         level_spacing_mm: the levels as voxel sizes in mm instead of factors, e.g. ``16,8`` (the thorax bundle's):
