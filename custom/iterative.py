@@ -243,7 +243,7 @@ class IterativeSegReg:
             that can differ from their background (large regions; a small one keeps every voxel) and an image term
             (regions registered by their masks alone keep every voxel: that loss lives on the borders), with the loss
             of the sparse step (features + linear Dice + region diffusion), on a CPU and on a GPU alike. The thorax
-            bundle uses 2: on the CBCT-like thorax pairs 28 to 32 % less CPU time per pair, lung EPE and TRE
+            bundle uses 2: on the CBCT-like thorax pairs 28 to 37 % less CPU time per pair, lung EPE and TRE
             the same within the pairs' spread (``docs/benchmarks/solver_scaling.md``).
         sample_min_points: see ``sample_stride``. 20000 (2500 lattice points per step at stride 2): with 5000 the
             medium regions of the simple synthetic thorax (seed13) lost 0.13 mm of EPE per region (1.48 -> 1.61 mm,
@@ -718,14 +718,15 @@ class IterativeSegReg:
         opt = torch.optim.Adam([param], lr=self.lr)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(n_it, 1), eta_min=0.05 * self.lr)
         sampled = self.lattice_stride(batch) > 1  # each step's losses estimate the full ones on a shifting lattice
-        best_loss = param.new_full((len(batch),), float("inf"))
-        best = param.detach().clone()
+        if not sampled:  # keep each region's best iterate: Adam's normalised steps can oscillate at the end
+            best_loss = param.new_full((len(batch),), float("inf"))
+            best = param.detach().clone()
         window = param.new_zeros(())  # sampled: the losses summed over the early stop's window (every phase in it)
         history = []
         for it in range(n_it):
             opt.zero_grad(set_to_none=True)
             losses = self.batch_losses(batch, self.integrate(basis.field(param)))
-            with torch.no_grad():  # keep each region's best iterate: Adam's normalised steps can oscillate at the end
+            with torch.no_grad():
                 if sampled:
                     window = window + losses.detach().sum()
                 else:

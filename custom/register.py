@@ -305,28 +305,9 @@ def register(
         raise InputError("give --sigma (voxels) or --sigma_mm (mm), not both")
     if mode not in ("iterative", "global", "bundle"):
         raise InputError(f"--mode must be 'iterative', 'global' or 'bundle', got {mode!r}")
-    chosen = [
-        f"--{k}" for k, v in (("bundle", bundle), ("variant", variant), ("ckpt_path", ckpt_path)) if v is not None
-    ]
-    if mode != "bundle" and chosen:  # these would be ignored: the iterative modes take their settings from the flags
-        verb = "applies" if len(chosen) == 1 else "apply"
-        raise InputError(
-            f"{', '.join(chosen)} {verb} to --mode bundle only (--mode bundle --bundle bundles/segreg_thorax runs that "
-            f"bundle's own settings on the pair); --mode {mode} takes its settings from --levels or "
-            "--level_spacing_mm, --iterations, --reg_domain, --sigma_mm and --sample_stride"
-        )
-    if mode == "bundle":  # the bundle's config sets its solver: the iterative modes' flags would be ignored
-        default = {k: p.default for k, p in inspect.signature(register).parameters.items()}
-        given = dict(levels=levels, iterations=iterations, level_spacing_mm=level_spacing_mm, reg_domain=reg_domain)
-        given.update(sigma=sigma, sigma_mm=sigma_mm, noise_gate=noise_gate, sample_stride=sample_stride)
-        for k in ("levels", "iterations"):
-            given[k], default[k] = _ints(given[k], k), _ints(default[k], k)
-        ignored = [f"--{k}" for k, v in given.items() if v != default[k]]
-        if ignored:
-            raise InputError(
-                f"{', '.join(ignored)} set the iterative modes; --mode bundle runs the bundle's own settings (change "
-                "them in its configs/inference.json, or on `python -m monai.bundle run`, e.g. --sample_stride 1)"
-            )
+    solver = dict(levels=levels, iterations=iterations, level_spacing_mm=level_spacing_mm, reg_domain=reg_domain)
+    solver.update(sigma=sigma, sigma_mm=sigma_mm, noise_gate=noise_gate, sample_stride=sample_stride)
+    _refuse_unused_options(mode, dict(bundle=bundle, variant=variant, ckpt_path=ckpt_path), solver)
     check_output_dir(out_dir)  # before any work
     if mode == "bundle":
         names = bundle_output_names(fixed, moving, out_dir)
@@ -433,6 +414,33 @@ def register_with_bundle(
     wf.run()
     wf.finalize()
     return {"output_dir": str(out_dir)}
+
+
+def _refuse_unused_options(mode: str, bundle_options: dict, solver_options: dict) -> None:
+    """Options the mode would ignore stop the run: ``bundle_options`` (``--bundle`` and co.) set outside ``--mode
+    bundle``; in it, the iterative modes' ``solver_options`` that differ from :func:`register`'s defaults (the
+    bundle's config sets its solver)."""
+    chosen = [f"--{k}" for k, v in bundle_options.items() if v is not None]
+    if mode != "bundle" and chosen:
+        verb = "applies" if len(chosen) == 1 else "apply"
+        raise InputError(
+            f"{', '.join(chosen)} {verb} to --mode bundle only (--mode bundle --bundle bundles/segreg_thorax runs that "
+            f"bundle's own settings on the pair); --mode {mode} takes its settings from --levels or "
+            "--level_spacing_mm, --iterations, --reg_domain, --sigma_mm and --sample_stride"
+        )
+    if mode != "bundle":
+        return
+    default = {k: p.default for k, p in inspect.signature(register).parameters.items()}
+
+    def value(k, v):  # schedules compare as parsed: "4,2,1" and (4, 2, 1) are the default
+        return _ints(v, k) if k in ("levels", "iterations") else v
+
+    ignored = [f"--{k}" for k, v in solver_options.items() if value(k, v) != value(k, default[k])]
+    if ignored:
+        raise InputError(
+            f"{', '.join(ignored)} set the iterative modes; --mode bundle runs the bundle's own settings (change "
+            "them in its configs/inference.json, or on `python -m monai.bundle run`, e.g. --sample_stride 1)"
+        )
 
 
 def _ints(values, name: str) -> tuple[int, ...]:
