@@ -12,37 +12,50 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from monai.metrics import compute_dice, compute_hausdorff_distance
+from monai.metrics import compute_hausdorff_distance
 from monai.networks.blocks import Warp
 
-from custom.regions import labels_to_regions
 
-
-def _one_hot(label: torch.Tensor, label_ids: Sequence[int]) -> torch.Tensor:
+def _as_map(label) -> torch.Tensor:
+    """An integer label map ``(X, Y, Z)`` of ``(X, Y, Z)``, ``(1, X, Y, Z)`` or ``(1, 1, X, Y, Z)`` (rounded)."""
     label = torch.as_tensor(label)
-    if label.ndim == 3:  # (X, Y, Z) -> (1, 1, X, Y, Z)
+    if label.ndim == 3:
         label = label[None, None]
-    elif label.ndim == 4:  # (1, X, Y, Z) -> (1, 1, X, Y, Z)
+    elif label.ndim == 4:
         label = label[None]
-    return labels_to_regions(label.round(), label_ids)
+    label = label[0, 0]
+    return (label.round() if label.is_floating_point() else label).long()
+
+
+def _counts(label: torch.Tensor, label_ids: Sequence[int]) -> torch.Tensor:
+    """``(L,)`` int64: voxels of each id in the map ``label`` (from :func:`_as_map`), one pass (``bincount``)."""
+    ids = torch.as_tensor(list(label_ids), dtype=torch.long, device=label.device)
+    top = int(ids.max()) + 1 if len(ids) else 1
+    flat = label.reshape(-1)
+    flat = torch.where((flat >= 0) & (flat < top), flat, top)  # other values: one spare bin
+    return torch.bincount(flat, minlength=top + 1)[ids]
 
 
 def _absent(fixed_label, moving_label, label_ids) -> torch.Tensor:
     """(1, L) bool: label missing in the fixed or (if given) the moving map."""
-    absent = _one_hot(fixed_label, label_ids).flatten(2).sum(-1) == 0
+    absent = _counts(_as_map(fixed_label), label_ids) == 0
     if moving_label is not None:
-        absent |= _one_hot(moving_label, label_ids).flatten(2).sum(-1) == 0
-    return absent
+        absent |= _counts(_as_map(moving_label), label_ids) == 0
+    return absent[None]
 
 
 def dice_per_label(warped_label, fixed_label, label_ids: Sequence[int], moving_label=None) -> torch.Tensor:
     """Dice in % per label id, ``(L,)``; NaN where the label is absent in the fixed (or moving) map.
 
     Label maps ``(X, Y, Z)``, ``(1, X, Y, Z)`` or ``(1, 1, X, Y, Z)`` with integer ids (warped with nearest neighbour).
+    MONAI's ``compute_dice`` (``ignore_empty=True``) from voxel counts, without one-hot stacks: a 390 x 280 x 300 pair
+    with 19 labels took 17 s and several GiB that way.
     """
-    pred, gt = _one_hot(warped_label, label_ids), _one_hot(fixed_label, label_ids)
-    dice = compute_dice(pred, gt, include_background=True, ignore_empty=True)[0] * 100.0
-    dice[_absent(fixed_label, moving_label, label_ids)[0]] = float("nan")
+    pred, gt = _as_map(warped_label), _as_map(fixed_label)
+    both = torch.where(pred == gt, gt, -1)  # the voxels where the two maps agree, with their id
+    tp, p, g = (_counts(m, label_ids).double() for m in (both, pred, gt))
+    dice = (200.0 * tp / (p + g).clamp_min(1.0)).float()
+    dice[(g == 0) | _absent(fixed_label, moving_label, label_ids)[0]] = float("nan")
     return dice
 
 
@@ -53,13 +66,45 @@ def mean_dice(warped_label, fixed_label, label_ids: Sequence[int]) -> float:
     return float(torch.nanmean(dice))
 
 
+def _extent(label: torch.Tensor, top: int) -> torch.Tensor:
+    """``(top, D, 2)``: per id below ``top`` the first and last index along each axis where it occurs (``[n, -1]``
+    where it does not), one ``bincount`` per axis."""
+    out = []
+    values = torch.where((label >= 0) & (label < top), label, top)
+    for a, n in enumerate(label.shape):
+        coord = torch.arange(n, device=label.device).view([-1 if d == a else 1 for d in range(label.ndim)])
+        seen = torch.bincount((values * n + coord).reshape(-1), minlength=(top + 1) * n).view(top + 1, n)[:top] > 0
+        index = torch.arange(n, device=label.device)
+        first = torch.where(seen, index, n).amin(1)
+        last = torch.where(seen, index, -1).amax(1)
+        out.append(torch.stack([first, last], 1))
+    return torch.stack(out, 1)
+
+
 def hd95_per_label(warped_label, fixed_label, label_ids: Sequence[int], spacing=None, moving_label=None):
-    """95th percentile Hausdorff distance in mm per label id, ``(L,)`` (MONAI, spacing-aware); NaN if absent."""
-    pred, gt = _one_hot(warped_label, label_ids), _one_hot(fixed_label, label_ids)
+    """95th percentile Hausdorff distance in mm per label id, ``(L,)`` (MONAI, spacing-aware); NaN if absent.
+
+    Each label is scored by MONAI's ``compute_hausdorff_distance`` on the box that holds it in both maps, one voxel
+    wider: MONAI crops each class to that box itself, so the values are the same as on the whole grid, without a
+    one-hot stack of every label over it.
+    """
+    pred, gt = _as_map(warped_label), _as_map(fixed_label)
+    ids = [int(i) for i in label_ids]
+    absent = _absent(fixed_label, moving_label, ids)[0] | (_counts(pred, ids) == 0)
+    hd = torch.full((len(ids),), float("nan"), device=pred.device)
+    if not len(ids) or bool(absent.all()):
+        return hd
     sp = None if spacing is None else [float(s) for s in spacing]
-    hd = compute_hausdorff_distance(pred, gt, include_background=True, percentile=95, spacing=sp)[0].float()
-    absent = _absent(fixed_label, moving_label, label_ids)[0] | (pred.flatten(2).sum(-1)[0] == 0)
-    hd[absent] = float("nan")
+    top = max(ids) + 1
+    ext_p, ext_g = _extent(pred, top), _extent(gt, top)
+    lo = torch.minimum(ext_p[..., 0], ext_g[..., 0]).tolist()
+    hi = torch.maximum(ext_p[..., 1], ext_g[..., 1]).tolist()
+    for k, i in enumerate(ids):
+        if bool(absent[k]):
+            continue
+        box = tuple(slice(max(a - 1, 0), min(b + 2, n)) for a, b, n in zip(lo[i], hi[i], pred.shape))
+        p, g = ((m[box] == i)[None, None].float() for m in (pred, gt))
+        hd[k] = compute_hausdorff_distance(p, g, include_background=True, percentile=95, spacing=sp)[0, 0].float()
     return hd
 
 

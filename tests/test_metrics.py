@@ -1,12 +1,16 @@
+import warnings
+
 import numpy as np
 import pytest
 import torch
 from conftest import requires_cuda
 from monai.data import MetaTensor
+from monai.metrics import compute_dice, compute_hausdorff_distance
 from scipy.ndimage import map_coordinates
 
 from custom.handlers import TRE, NegJacobianPercent, RegistrationDice, SDlogJ
 from custom.metrics import dice_per_label, hd95_per_label, jacobian_determinant, jacobian_stats, tre_mm
+from custom.regions import labels_to_regions
 
 
 def affine_ddf(A, shape=(12, 11, 10)):
@@ -63,6 +67,47 @@ def test_hd95_single_voxels_with_anisotropic_spacing():
     warped[0, 3, 4, 5] = 1
     hd = hd95_per_label(warped, fixed, [1], spacing=(2.0, 1.0, 3.0))
     torch.testing.assert_close(hd[0], torch.tensor(0.95 * 6.0))
+
+
+def label_maps(shape=(20, 17, 15), seed=0):
+    """A fixed map of blobs (label 1 touches the grid's faces, 4 is missing from the moving map) and a warped one
+    that shifts, grows and drops some of them (5 missing from it)."""
+    g = torch.Generator().manual_seed(seed)
+    fixed = torch.zeros(shape, dtype=torch.long)
+    fixed[:6, :, :4] = 1
+    fixed[5:12, 3:9, 4:11] = 2
+    fixed[12:18, 10:16, 2:9] = 3
+    fixed[2:5, 12:15, 10:14] = 4
+    fixed[15:19, 2:5, 11:14] = 5
+    warped = torch.roll(fixed, shifts=(1, -2, 1), dims=(0, 1, 2))
+    warped[warped == 5] = 0
+    noise = torch.rand(shape, generator=g) < 0.05
+    warped[noise] = torch.randint(0, 4, (int(noise.sum()),), generator=g)
+    moving = fixed.clone()
+    moving[moving == 4] = 0
+    return warped, fixed, moving
+
+
+@pytest.mark.parametrize("spacing", [None, (1.5, 0.8, 3.0)])
+def test_dice_and_hd95_match_monai_on_whole_grid_one_hot_stacks(spacing):
+    # the counts (Dice) and per-label boxes (HD95) give MONAI's values on one-hot stacks of the whole grid
+    warped, fixed, moving = label_maps()
+    ids = [1, 2, 3, 4, 5, 7]
+    pred, gt = (labels_to_regions(m[None, None].float(), ids) for m in (warped, fixed))
+    want_dice = compute_dice(pred, gt, include_background=True, ignore_empty=True)[0] * 100.0
+    sp = None if spacing is None else list(spacing)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # MONAI warns about the empty classes
+        want_hd = compute_hausdorff_distance(pred, gt, include_background=True, percentile=95, spacing=sp)[0].float()
+    # NaN where a label is missing from the fixed or moving map (4, 7); HD95 also where the warped map lacks it (5)
+    want_dice[torch.tensor([False, False, False, True, False, True])] = float("nan")
+    want_hd[torch.tensor([False, False, False, True, True, True])] = float("nan")
+    for shape_of in (lambda m: m, lambda m: m[None].float(), lambda m: m[None, None].float()):
+        dice = dice_per_label(shape_of(warped), shape_of(fixed), ids, shape_of(moving))
+        hd = hd95_per_label(shape_of(warped), shape_of(fixed), ids, spacing, shape_of(moving))
+        torch.testing.assert_close(dice, want_dice, equal_nan=True, rtol=1e-6, atol=1e-5)
+        torch.testing.assert_close(hd, want_hd, equal_nan=True, rtol=1e-6, atol=1e-6)
+    assert float(dice[0]) < 100.0 and float(hd[0]) > 0.0 and float(dice[4]) == 0.0  # not a trivial comparison
 
 
 def test_tre_matches_scipy_map_coordinates():
