@@ -187,6 +187,13 @@ def test_metrics_cuda_match_cpu():
     torch.testing.assert_close(jacobian_determinant(u.cuda()).cpu(), jacobian_determinant(u), atol=1e-4, rtol=1e-4)
     pts = torch.rand(5, 3) * 10
     torch.testing.assert_close(tre_mm(u.cuda(), pts, pts).cpu(), tre_mm(u, pts, pts), atol=1e-4, rtol=1e-4)
+    warped, fixed, moving = label_maps()
+    ids = [1, 2, 3, 4, 5, 7]
+    for fn in (dice_per_label, lambda *a: hd95_per_label(*a[:3], (1.5, 0.8, 3.0), a[3])):
+        want = fn(warped, fixed, ids, moving)
+        got = fn(warped.cuda(), fixed.cuda(), ids, moving.cuda())
+        assert got.device.type == "cuda"
+        torch.testing.assert_close(got.cpu(), want, equal_nan=True, rtol=1e-5, atol=1e-5)
 
 
 def test_epe_inside_and_outside_the_field_of_view_hand_computed():
