@@ -36,12 +36,13 @@ def _counts(label: torch.Tensor, label_ids: Sequence[int]) -> torch.Tensor:
     return torch.bincount(flat, minlength=top + 1)[ids]
 
 
-def _absent(fixed_label, moving_label, label_ids) -> torch.Tensor:
-    """(1, L) bool: label missing in the fixed or (if given) the moving map."""
-    absent = _counts(_as_map(fixed_label), label_ids) == 0
+def _missing(fixed_counts: torch.Tensor, moving_label, label_ids) -> torch.Tensor:
+    """``(L,)`` bool: ids with no voxel in the fixed map (``fixed_counts``, from :func:`_counts`) or, if given, in the
+    moving map."""
+    missing = fixed_counts == 0
     if moving_label is not None:
-        absent |= _counts(_as_map(moving_label), label_ids) == 0
-    return absent[None]
+        missing = missing | (_counts(_as_map(moving_label), label_ids) == 0)
+    return missing
 
 
 def dice_per_label(warped_label, fixed_label, label_ids: Sequence[int], moving_label=None) -> torch.Tensor:
@@ -53,9 +54,9 @@ def dice_per_label(warped_label, fixed_label, label_ids: Sequence[int], moving_l
     """
     pred, gt = _as_map(warped_label), _as_map(fixed_label)
     both = torch.where(pred == gt, gt, -1)  # the voxels where the two maps agree, with their id
-    tp, p, g = (_counts(m, label_ids).double() for m in (both, pred, gt))
-    dice = (200.0 * tp / (p + g).clamp_min(1.0)).float()
-    dice[(g == 0) | _absent(fixed_label, moving_label, label_ids)[0]] = float("nan")
+    tp, p, g = (_counts(m, label_ids) for m in (both, pred, gt))
+    dice = (200.0 * tp.double() / (p + g).clamp_min(1).double()).float()
+    dice[_missing(g, moving_label, label_ids)] = float("nan")
     return dice
 
 
@@ -90,7 +91,7 @@ def hd95_per_label(warped_label, fixed_label, label_ids: Sequence[int], spacing=
     """
     pred, gt = _as_map(warped_label), _as_map(fixed_label)
     ids = [int(i) for i in label_ids]
-    absent = _absent(fixed_label, moving_label, ids)[0] | (_counts(pred, ids) == 0)
+    absent = _missing(_counts(gt, ids), moving_label, ids) | (_counts(pred, ids) == 0)
     hd = torch.full((len(ids),), float("nan"), device=pred.device)
     if not len(ids) or bool(absent.all()):
         return hd
