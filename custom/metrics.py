@@ -27,13 +27,16 @@ def _as_map(label) -> torch.Tensor:
     return (label.round() if label.is_floating_point() else label).long()
 
 
+def _binned(label: torch.Tensor, top: int) -> torch.Tensor:
+    """``label`` with every value outside ``0 .. top - 1`` moved to one spare bin, ``top`` (for ``bincount``)."""
+    return torch.where((label >= 0) & (label < top), label, top)
+
+
 def _counts(label: torch.Tensor, label_ids: Sequence[int]) -> torch.Tensor:
     """``(L,)`` int64: voxels of each id in the map ``label`` (from :func:`_as_map`), one pass (``bincount``)."""
     ids = torch.as_tensor(list(label_ids), dtype=torch.long, device=label.device)
     top = int(ids.max()) + 1 if len(ids) else 1
-    flat = label.reshape(-1)
-    flat = torch.where((flat >= 0) & (flat < top), flat, top)  # other values: one spare bin
-    return torch.bincount(flat, minlength=top + 1)[ids]
+    return torch.bincount(_binned(label, top).reshape(-1), minlength=top + 1)[ids]
 
 
 def _missing(fixed_counts: torch.Tensor, moving_label, label_ids) -> torch.Tensor:
@@ -71,7 +74,7 @@ def _extent(label: torch.Tensor, top: int) -> torch.Tensor:
     """``(top, D, 2)``: per id below ``top`` the first and last index along each axis where it occurs (``[n, -1]``
     where it does not), one ``bincount`` per axis."""
     out = []
-    values = torch.where((label >= 0) & (label < top), label, top)
+    values = _binned(label, top)
     for a, n in enumerate(label.shape):
         coord = torch.arange(n, device=label.device).view([-1 if d == a else 1 for d in range(label.ndim)])
         seen = torch.bincount((values * n + coord).reshape(-1), minlength=(top + 1) * n).view(top + 1, n)[:top] > 0
