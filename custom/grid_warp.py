@@ -28,10 +28,10 @@ class GridWarp:
         self._key: tuple | None = None
         self._base = self._scale = None
 
-    def identity(self, ddf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def identity(self, ddf: torch.Tensor, shape=None) -> tuple[torch.Tensor, torch.Tensor]:
         """The normalised identity grid ``(1, *S, D)`` (``x, y, z`` order) and the voxel -> normalised scale ``(D,)``
-        of the reversed components, cached for the last shape, device and dtype."""
-        shape = tuple(ddf.shape[2:])
+        of the reversed components, cached for the last shape (``ddf``'s, or ``shape``), device and dtype."""
+        shape = tuple(ddf.shape[2:]) if shape is None else tuple(int(n) for n in shape)
         key = (shape, ddf.device, ddf.dtype)
         if key != self._key:
             scale = [2.0 / max(n - 1, 1) for n in shape]
@@ -49,6 +49,12 @@ class GridWarp:
             base = base[(slice(None),) + tuple(lattice)]
             ddf = ddf[(slice(None), slice(None)) + tuple(lattice)]
         return base + ddf.flip(1).movedim(1, -1) * scale
+
+    def lattice_grid(self, ddf: torch.Tensor, shape, lattice: tuple[slice, ...]) -> torch.Tensor:
+        """:meth:`grid` ``(B, *S', D)`` of a field of a ``shape`` grid given at the voxels of ``lattice`` only (``ddf``
+        ``(B, D, *S')``)."""
+        base, scale = self.identity(ddf, shape)
+        return base[(slice(None),) + tuple(lattice)] + ddf.flip(1).movedim(1, -1) * scale
 
     def sample(self, image: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
         """``image`` ``(B, C, *S)`` sampled at ``grid`` ``(B, *S, D)`` (from :meth:`grid`)."""

@@ -18,6 +18,7 @@ from monai.networks.blocks import Warp
 from tqdm.auto import tqdm
 
 from custom.composer import FieldComposer
+from custom.control_lattice import ControlDiffusion, LatticeField
 from custom.flags import as_bool, auto_or_bool
 from custom.geometry import in_plane_components, voxel_spacing
 from custom.grid_warp import GridWarp
@@ -238,13 +239,16 @@ class IterativeSegReg:
             axis only, the lattice shifted at every step so that every voxel counts once per ``sample_stride ** D``
             steps (elastix's sampling of a subset per iteration, on a regular lattice): the sums are scaled to the
             whole grid and the voxels that can only read the region's background count exactly, so each step's loss
-            is an unbiased estimate with its gradient. The field and its regulariser stay on every voxel. 1 (default):
-            every voxel, every step. Taken for batches whose regions each have at least ``sample_min_points`` voxels
-            that can differ from their background (large regions; a small one keeps every voxel) and an image term
-            (regions registered by their masks alone keep every voxel: that loss lives on the borders), with the loss
-            of the sparse step (features + linear Dice + region diffusion), on a CPU and on a GPU alike. The thorax
-            bundle uses 2: on the CBCT-like thorax pairs 28 to 37 % less CPU time per pair, lung EPE and TRE
-            the same within the pairs' spread (``docs/benchmarks/solver_scaling.md``).
+            is an unbiased estimate with its gradient. A displacement (``field="displacement"``, control points at
+            least 1.5 voxels apart) is then read at the lattice voxels only and its regulariser taken on the control
+            grid (the level-grid diffusion as a quadratic form of the control values, the same value to float
+            rounding: :mod:`custom.control_lattice`); a velocity field is integrated and regularised on every
+            voxel. 1 (default): every voxel, every step. Taken for batches whose regions each have at least
+            ``sample_min_points`` voxels that can differ from their background (large regions; a small one keeps every
+            voxel) and an image term (regions registered by their masks alone keep every voxel: that loss lives on the
+            borders), with the loss of the sparse step (features + linear Dice + region diffusion), on a CPU and on a
+            GPU alike. The thorax bundle uses 2: on the CBCT-like thorax pairs 28 to 37 % less CPU time per pair, lung
+            EPE and TRE the same within the pairs' spread (``docs/benchmarks/solver_scaling.md``).
         sample_min_points: see ``sample_stride``. 20000 (2500 lattice points per step at stride 2): with 5000 the
             medium regions of the simple synthetic thorax (seed13) lost 0.13 mm of EPE per region (1.48 -> 1.61 mm,
             2 pairs), with 20000 0.01; on the CBCT-like pairs both gave the same errors.
@@ -521,16 +525,18 @@ class IterativeSegReg:
         mask.reduction = reg.reduction = "none"
         return mask, reg
 
-    def batch_losses(self, batch: RegionBatch, u: torch.Tensor) -> torch.Tensor:
-        """Loss of each region of ``batch`` ``(G,)`` for the fields ``u`` ``(G, D, *S)`` (level voxels)."""
+    def batch_losses(self, batch: RegionBatch, u: torch.Tensor | None = None, control=None) -> torch.Tensor:
+        """Loss of each region of ``batch`` ``(G,)`` for the fields ``u`` ``(G, D, *S)`` (level voxels), or on a
+        lattice for the ``control`` values of a displacement (see :meth:`lattice_batch_losses`)."""
         if self.lattice_stride(batch) > 1:
-            return self.lattice_batch_losses(batch, u)
+            return self.lattice_batch_losses(batch, u, control)
         grid = self.warp.grid(u)
         sparse = self.sparse_terms(batch)
         if sparse is not None:
             active = active_points(sparse["interior"], grid)
             if int(active.sum()) <= self.sparse_fraction * active.numel():
-                return self.point_losses(batch, u, grid, *gather_points(active), self.full_view(batch))
+                reg = self.batch_regulariser(batch, u)
+                return self.point_losses(batch, grid, *gather_points(active), self.full_view(batch), reg)
         warped = self.warp.sample(batch.moving, grid)
         n_img = batch.fixed.shape[1]
         n_mask = batch.fixed_masks.shape[1]
@@ -654,11 +660,13 @@ class IterativeSegReg:
             views[phase] = view
         return views[phase]
 
-    def lattice_batch_losses(self, batch: RegionBatch, u: torch.Tensor) -> torch.Tensor:
+    def lattice_batch_losses(self, batch: RegionBatch, u: torch.Tensor | None = None, control=None) -> torch.Tensor:
         """:meth:`batch_losses` on a lattice of every ``sample_stride``-th voxel per axis, its offset the next of the
         ``stride ** D`` phases at each call (the batch counts its calls): the lattice points that can differ from their
         background (the sparse step's active points; all of them where the sparse step does not apply), their sums
-        scaled to the grid."""
+        scaled to the grid. The field is ``u`` ``(G, D, *S)``, or ``control`` = ``(basis, param)``: a displacement
+        that :class:`ControlGrid` ``basis`` upsamples linearly from ``param``, then read at the lattice points only and
+        regularised on the control grid (:mod:`custom.control_lattice`)."""
         strides = [min(self.lattice_stride(batch), n) for n in batch.shape]  # a singleton axis keeps its voxel
         step = batch.cache.get("step", 0)
         batch.cache["step"] = step + 1
@@ -669,28 +677,47 @@ class IterativeSegReg:
             rest //= st
         lattice = tuple(lattice)
         view = self.lattice_view(batch, lattice, phase)
-        grid = self.warp.grid(u, lattice)
+        if control is None:
+            grid = self.warp.grid(u, lattice)
+            reg = self.batch_regulariser(batch, u)
+        else:
+            basis, param = control
+            c = self.integrate.freeze(param * basis.factor.to(param))  # the control values in level voxels
+            fields = batch.cache.setdefault("lattice_field", {})
+            if phase not in fields:
+                fields[phase] = LatticeField(basis.grid, batch.shape, lattice, c.device, c.dtype)
+            grid = self.warp.lattice_grid(fields[phase](c), batch.shape, lattice)
+            reg = self.control_regulariser(batch, basis, c)
         if self.sparse_terms(batch) is not None:
             index, real = gather_points(active_points(batch.cache["background"]["interior"], grid))
         else:  # every lattice point (no host sync on a GPU)
             n = view["bg_sq"].shape[1]
-            index = torch.arange(n, device=u.device).expand(len(batch), n)
-            real = torch.ones(index.shape, dtype=torch.bool, device=u.device)
-        return self.point_losses(batch, u, grid, index, real, view)
+            index = torch.arange(n, device=grid.device).expand(len(batch), n)
+            real = torch.ones(index.shape, dtype=torch.bool, device=grid.device)
+        return self.point_losses(batch, grid, index, real, view, reg)
 
-    def point_losses(self, batch: RegionBatch, u, grid, index, real, view: dict) -> torch.Tensor:
+    def control_regulariser(self, batch: RegionBatch, basis: ControlGrid, c: torch.Tensor) -> torch.Tensor:
+        """``(G,)`` :meth:`batch_regulariser` of the field upsampled from the control values ``c`` ``(G, D, *grid)``,
+        taken on the control grid (:class:`custom.control_lattice.ControlDiffusion`, built once per batch)."""
+        if "control_reg" not in batch.cache:
+            spacing = torch.tensor([r.spacing for r in batch.regions], device=c.device, dtype=c.dtype)
+            weights = self.batched_terms[1].border_weights(batch.reg_domain)
+            batch.cache["control_reg"] = ControlDiffusion(basis.grid, batch.shape, weights, spacing)
+        return batch.cache["control_reg"](c)
+
+    def point_losses(self, batch: RegionBatch, grid, index, real, view: dict, reg: torch.Tensor) -> torch.Tensor:
         """:meth:`batch_losses` from the points ``index`` ``(G, K)`` of ``grid`` (``real``: not padding) only: the
         similarity of the other voxels is their background's (``bg_sq``), their Dice terms are 0 (see
         :mod:`custom.sparse_warp`); ``view`` holds the fixed-side tensors the indices refer to (:meth:`full_view`,
-        :meth:`lattice_view`) and ``scale``, the voxels each point stands for."""
+        :meth:`lattice_view`) and ``scale``, the voxels each point stands for; ``reg`` ``(G,)`` the regulariser."""
         terms = batch.cache["background"]
         scale = view["scale"]
-        realf = real.to(u.dtype)
+        realf = real.to(grid.dtype)
         samples = sample_points(batch.moving, grid, index, real)
         n_img, n_mask = batch.fixed.shape[1], batch.fixed_masks.shape[1]
         s_img, s_mask = samples.split([n_img, n_mask], 1)
         w = self.loss.weights
-        sims = u.new_zeros(len(batch))
+        sims = grid.new_zeros(len(batch))
         if n_img:
             weight = gather_channels(view["sim_weight"], index)[:, 0] * realf
             here = (weight * (s_img - gather_channels(view["fixed"], index)).square().sum(1)).sum(1)
@@ -700,7 +727,7 @@ class IterativeSegReg:
             s_mask = s_mask * gather_channels(view["mask_domain"], index)
         tp = (s_mask * gather_channels(view["fixed_masks"], index)).sum(2)  # padding points sample 0: no tp, no sum
         dice = dice_from_sums(self.batched_terms[0], scale * tp, scale * s_mask.sum(2), terms["target_sum"])
-        return w["sim"] * sims + w["mask"] * dice.mean(1) + w["reg"] * self.batch_regulariser(batch, u)
+        return w["sim"] * sims + w["mask"] * dice.mean(1) + w["reg"] * reg
 
     def optimise_batch(self, batch: RegionBatch, init: torch.Tensor, n_it: int, bar=None) -> torch.Tensor:
         """Adam on the control grids of every region of ``batch`` from ``init`` ``(G, D, *S)`` (the field in level
@@ -718,6 +745,8 @@ class IterativeSegReg:
         opt = torch.optim.Adam([param], lr=self.lr)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(n_it, 1), eta_min=0.05 * self.lr)
         sampled = self.lattice_stride(batch) > 1  # each step's losses estimate the full ones on a shifting lattice
+        # a displacement upsampled linearly from the control grid is read at the lattice points only
+        on_control = sampled and self.integrate.integrate is None and not basis.fine_axes
         if not sampled:  # keep each region's best iterate: Adam's normalised steps can oscillate at the end
             best_loss = param.new_full((len(batch),), float("inf"))
             best = param.detach().clone()
@@ -725,7 +754,10 @@ class IterativeSegReg:
         history = []
         for it in range(n_it):
             opt.zero_grad(set_to_none=True)
-            losses = self.batch_losses(batch, self.integrate(basis.field(param)))
+            if on_control:
+                losses = self.batch_losses(batch, control=(basis, param))
+            else:
+                losses = self.batch_losses(batch, self.integrate(basis.field(param)))
             with torch.no_grad():
                 if sampled:
                     window = window + losses.detach().sum()

@@ -128,7 +128,7 @@ def test_lattice_solver_registers_a_shift_like_the_full_one(monkeypatch):
     pair = two_blob_pair(shift=3)
     calls = []
     original = IterativeSegReg.lattice_batch_losses
-    monkeypatch.setattr(IterativeSegReg, "lattice_batch_losses", lambda *a: calls.append(1) or original(*a))
+    monkeypatch.setattr(IterativeSegReg, "lattice_batch_losses", lambda *a, **k: calls.append(1) or original(*a, **k))
     inside = pair[2][0, 0] > 0
     for stride in (1, 2):
         reg = IterativeSegReg(levels=(2, 1), iterations=(20, 10), margin=2, progress=False, sample_stride=stride)
@@ -149,7 +149,9 @@ def test_a_lattice_batch_returns_its_last_iterate_a_full_one_its_best(stride, mo
     assert reg.lattice_stride(batch) == stride
     calls, params = [], []
     original = reg.batch_losses
-    monkeypatch.setattr(reg, "batch_losses", lambda b, u: original(b, u) + 100.0 * (calls.append(1) or len(calls)))
+    monkeypatch.setattr(
+        reg, "batch_losses", lambda *a, **k: original(*a, **k) + 100.0 * (calls.append(1) or len(calls))
+    )
     adam_step = torch.optim.Adam.step
 
     def recording_step(opt, *args):  # the control-grid parameters after each step
