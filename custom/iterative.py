@@ -256,15 +256,18 @@ class IterativeSegReg:
     The voxel spacing (``spacing`` argument of ``__call__``, else the fixed image's affine if it is a ``MetaTensor``,
     else 1 mm) makes the regulariser, the levels and the control grid physical.
 
-    On a CPU, batches of fewer than :attr:`single_thread_voxels` voxels (all regions of the batch together) run on one
-    thread: 3-D ``grid_sample`` splits its work by batch element only and torch leaves tensors this small to one
-    thread, so further threads would only spin and add CPU time.
+    On a CPU, batches of fewer than :attr:`single_thread_voxels` voxels (all regions of the batch together), and
+    batches of one region under :attr:`single_region_voxels` voxels, run on one thread: 3-D ``grid_sample`` splits its
+    work by batch element only and torch leaves tensors this small to one thread, so further threads would only spin
+    and add CPU time (measured on 2 cores: a one-region batch of 8k to 200k voxels took 60 to 80 % more CPU time on two
+    threads than on one, and at most 10 % less wall time).
 
     ``last_profile`` holds the CPU seconds of the last pair per phase (plan, noise level, each level's set-up and
     optimisation, composition, warping; logged at DEBUG level): ``benchmarks/iterative_speed.py`` prints it.
     """
 
     single_thread_voxels: int = 65536
+    single_region_voxels: int = 262144
     thin_fraction: float = 0.5  # reg_domain "auto": a mask is thin when less than this fraction survives an erosion
     thin_dilation: int = 2  # reg_domain "auto": a thin mask's regulariser domain grows by this many voxels
 
@@ -383,11 +386,13 @@ class IterativeSegReg:
             self.last_profile[name] = self.last_profile.get(name, 0.0) + time.process_time() - start
 
     @contextmanager
-    def small_work(self, device: torch.device, voxels: int):
-        """One torch thread inside the block when ``voxels`` (the work's size) is below :attr:`single_thread_voxels`
-        on a CPU: tensors this small are not split across threads, so the others would only spin."""
+    def small_work(self, device: torch.device, voxels: int, one_region: bool = False):
+        """One torch thread inside the block on a CPU when ``voxels`` (the work's size) is below
+        :attr:`single_thread_voxels`, or below :attr:`single_region_voxels` for a batch of ``one_region``: such
+        tensors are not split across threads, so the others would only spin."""
         threads = torch.get_num_threads()
-        if torch.device(device).type == "cpu" and voxels < self.single_thread_voxels and threads > 1:
+        limit = self.single_region_voxels if one_region else self.single_thread_voxels
+        if torch.device(device).type == "cpu" and voxels < limit and threads > 1:
             torch.set_num_threads(1)
         try:
             yield
@@ -830,7 +835,7 @@ class IterativeSegReg:
         """Optimise the regions ``members`` (``(task number, RegionLevel)``) as one batch; updates ``fields``."""
         batch = RegionBatch.stack([r for _, r in members])
         init = torch.cat([pad_to(fields[k], batch.shape, "replicate") for k, _ in members])
-        with self.small_work(batch.fixed.device, len(batch) * math.prod(batch.shape)):
+        with self.small_work(batch.fixed.device, len(batch) * math.prod(batch.shape), len(batch) == 1):
             out = self.optimise_batch(batch, init, n_it, bar)
         for b, (k, _) in enumerate(members):
             fields[k] = batch.crop(out, b).detach()

@@ -288,28 +288,37 @@ def test_the_noise_gate_stops_the_field_drifting_in_pure_noise(gate):
 
 
 def test_small_batches_run_on_one_cpu_thread_and_the_setting_is_restored(monkeypatch):
-    # crops below single_thread_voxels are not split by torch: the solver drops to one thread for them (other threads
-    # would only spin), keeps the caller's threads for larger batches, and restores the setting afterwards
+    # crops below single_thread_voxels (one region: below single_region_voxels) are not split by torch: the solver
+    # drops to one thread for them (other threads would only spin), keeps the caller's threads for larger batches, and
+    # restores the setting afterwards
     p = sliding_slabs(shape=(24, 20, 12))
-    seen = []
+    seen, kinds = [], set()
     optimise = IterativeSegReg.optimise_batch
 
     def spy(self, batch, init, n_it, bar=None):
-        seen.append((len(batch) * batch.shape[0] * batch.shape[1] * batch.shape[2], torch.get_num_threads()))
+        voxels = len(batch) * batch.shape[0] * batch.shape[1] * batch.shape[2]
+        seen.append((len(batch), voxels, torch.get_num_threads()))
         return optimise(self, batch, init, n_it, bar)
 
     monkeypatch.setattr(IterativeSegReg, "optimise_batch", spy)
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        reg = IterativeSegReg(levels=(2, 1), iterations=(5, 5), **FREE)
-        reg.single_thread_voxels = 2000
-        reg(p["fixed"], p["moving"], p["fixed_regions"], p["moving_regions"])
-        assert torch.get_num_threads() == 2
+        for region_ids, one_region_limit in ((None, 6000), ([1], 6000), ([1], 4000)):
+            reg = IterativeSegReg(levels=(2, 1), iterations=(5, 5), region_ids=region_ids, **FREE)
+            reg.single_thread_voxels, reg.single_region_voxels = 2000, one_region_limit
+            reg(p["fixed"], p["moving"], p["fixed_regions"], p["moving_regions"])
+            assert torch.get_num_threads() == 2
+            for regions, voxels, threads in seen:
+                limit = one_region_limit if regions == 1 else 2000
+                assert threads == (1 if voxels < limit else 2), (regions, voxels, threads, limit)
+            kinds.update((regions, voxels < 2000, threads) for regions, voxels, threads in seen)
+            seen.clear()
     finally:
         torch.set_num_threads(before)
-    assert {threads for voxels, threads in seen if voxels < 2000} == {1}
-    assert {threads for voxels, threads in seen if voxels >= 2000} == {2}
+    # every case met: small batches of both kinds on one thread, a one-region batch above single_thread_voxels on one
+    # thread (under its limit) and on two (over it), a larger batch of two regions on two
+    assert {(2, True, 1), (2, False, 2), (1, True, 1), (1, False, 1), (1, False, 2)} <= kinds, kinds
 
 
 def test_last_profile_splits_the_cpu_time_of_the_pair_into_phases():
