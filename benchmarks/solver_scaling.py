@@ -6,18 +6,21 @@ Usage: ``python benchmarks/solver_scaling.py [--subjects 2] [--data /tmp/segreg_
 Two sets of ``make_thorax(realism="cbct")`` (every subject's two CBCT -> FBCT pairs): 80 x 64 x 64 at 4 mm and
 96 x 80 x 96 at 3 mm. Each row is the ``segreg_thorax`` bundle's solver (``synthetic_sets.THORAX_SETTINGS``, the
 ``extended`` region set, ground-truth labels) with one setting changed: every voxel scored at every step
-(``sample_stride 1``, the solver before bundle 0.3.11), a finer control grid (``grid_spacing 1``), a finer last level,
-more iterations, and a last level at 8 mm (the coarse end: about the cost of ANTs SyN's defaults on
-these volumes, whose pyramid also ends at half their resolution). The row "grid 1, one-voxel basis" is the solver before
-``custom.iterative.ControlGrid`` (Adam on one parameter per voxel), for the before/after comparison. Scores against the
-exact motion inside the CBCT field of view (``region_sets.score``): EPE over the lungs, liver + stomach + spleen and
-the kidneys, TRE over the lung keypoints, % det J <= 0, CPU seconds; "d lungs" and "d TRE" are the mean paired
-differences to the set's first row with their standard error over the pairs (the noise the rows are judged by).
+(``sample_stride 1``, the solver before bundle 0.3.11), the lattice field and its regulariser on every level voxel
+and one-region batches on two threads (the solver of bundle 0.3.13: the same loss), a finer control grid
+(``grid_spacing 1``), a finer last level, more iterations, and a last level at 8 mm (the coarse end: about the cost
+of ANTs SyN's defaults on these volumes, whose pyramid also ends at half their resolution). The row "grid 1,
+one-voxel basis" is the solver before ``custom.iterative.ControlGrid`` (Adam on one parameter per voxel), for the
+before/after comparison. Scores against the exact motion inside the CBCT field of view (``region_sets.score``): EPE
+over the lungs, liver + stomach + spleen and the kidneys, TRE over the lung keypoints, % det J <= 0, CPU seconds;
+"d lungs" and "d TRE" are the mean paired differences to the set's first row with their standard error over the
+pairs (the noise the rows are judged by).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import tempfile
 from pathlib import Path
 
@@ -31,11 +34,13 @@ from custom.datasets.learn2reg import learn2reg_pairs
 from custom.io import save_text
 from custom.synthetic.thorax import make_thorax
 
+BEFORE_0314 = "lattice field and regulariser on every level voxel, one-region batches on 2 threads (0.3.13)"
 SETS = {"4 mm": ((80, 64, 64), (4.0, 4.0, 4.0), 7), "3 mm": ((96, 80, 96), (3.0, 3.0, 3.0), 11)}
 ROWS = {
     "4 mm": [
         ("bundle defaults (grid 2, levels 16/8/4 mm, lattice stride 2)", {}),
         ("every voxel at every step (sample_stride 1, before 0.3.11)", {"sample_stride": 1}),
+        (BEFORE_0314, {"_before_0314": True}),
         ("grid 1", {"grid_spacing": 1}),
         ("grid 1, one-voxel basis (before)", {"grid_spacing": 1, "_one_voxel_basis": True}),
         ("more iterations (50/20/20)", {"iterations": (50, 20, 20)}),
@@ -44,6 +49,7 @@ ROWS = {
     "3 mm": [
         ("bundle defaults (grid 2, levels 16/8/4 mm, lattice stride 2)", {}),
         ("every voxel at every step (sample_stride 1, before 0.3.11)", {"sample_stride": 1}),
+        (BEFORE_0314, {"_before_0314": True}),
         ("grid 1", {"grid_spacing": 1}),
         ("grid 1, one-voxel basis (before)", {"grid_spacing": 1, "_one_voxel_basis": True}),
         (
@@ -54,6 +60,21 @@ ROWS = {
         ("levels 16/8 mm (last level at 8 mm, 50/20)", {"level_spacing_mm": (16.0, 8.0), "iterations": (50, 20)}),
     ],
 }
+
+
+class Before0314:
+    """Context: the solver of bundle 0.3.13: a lattice-scored displacement upsampled to every level voxel and
+    regularised there (``IterativeSegReg.lattice_on_control``), batches of one region on every thread
+    (``single_region_voxels``); the same loss to float rounding."""
+
+    def __enter__(self):
+        cls = custom.iterative.IterativeSegReg
+        self.saved = cls.lattice_on_control, cls.single_region_voxels
+        cls.lattice_on_control, cls.single_region_voxels = False, 0
+
+    def __exit__(self, *exc):
+        cls = custom.iterative.IterativeSegReg
+        cls.lattice_on_control, cls.single_region_voxels = self.saved
 
 
 class OneVoxelBasis:
@@ -108,10 +129,9 @@ def main() -> None:
             for rec in recs:
                 labels = ground_truth_labels(rec, merge)
                 with tempfile.TemporaryDirectory() as tmp:
-                    if overrides.get("_one_voxel_basis"):
-                        with OneVoxelBasis():
-                            disp, cpu = register_with_labels(rec, labels, settings, Path(tmp))
-                    else:
+                    context = OneVoxelBasis() if overrides.get("_one_voxel_basis") else contextlib.nullcontext()
+                    context = Before0314() if overrides.get("_before_0314") else context
+                    with context:
                         disp, cpu = register_with_labels(rec, labels, settings, Path(tmp))
                 rows.append({**score(disp.numpy(), rec), "CPU s": cpu})
             first = rows if first is None else first

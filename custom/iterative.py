@@ -268,6 +268,9 @@ class IterativeSegReg:
 
     single_thread_voxels: int = 65536
     single_region_voxels: int = 262144
+    # a lattice-scored displacement is read at the lattice voxels and regularised on its control grid (False: upsampled
+    # to every level voxel and regularised there, as up to bundle 0.3.13; the same loss to float rounding)
+    lattice_on_control: bool = True
     thin_fraction: float = 0.5  # reg_domain "auto": a mask is thin when less than this fraction survives an erosion
     thin_dilation: int = 2  # reg_domain "auto": a thin mask's regulariser domain grows by this many voxels
 
@@ -751,7 +754,7 @@ class IterativeSegReg:
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(n_it, 1), eta_min=0.05 * self.lr)
         sampled = self.lattice_stride(batch) > 1  # each step's losses estimate the full ones on a shifting lattice
         # a displacement upsampled linearly from the control grid is read at the lattice points only
-        on_control = sampled and self.integrate.integrate is None and not basis.fine_axes
+        on_control = self.lattice_on_control and sampled and self.integrate.integrate is None and not basis.fine_axes
         if not sampled:  # keep each region's best iterate: Adam's normalised steps can oscillate at the end
             best_loss = param.new_full((len(batch),), float("inf"))
             best = param.detach().clone()

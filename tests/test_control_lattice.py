@@ -136,3 +136,17 @@ def test_control_path_on_cuda_equals_cpu():
     for (la, ga), (lb, gb) in zip(out["cpu"], out["cuda"]):
         torch.testing.assert_close(la, lb, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(ga, gb, rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("on_control", [True, False])
+def test_lattice_on_control_switch_takes_the_control_or_the_level_path(on_control, monkeypatch):
+    # lattice_on_control False (the solver of bundle 0.3.13, for comparisons) upsamples to every voxel instead
+    reg = solver({"sim": 10.0, "mask": 1.0, "reg": 5.0}, sample_stride=2, sample_min_points=1)
+    monkeypatch.setattr(reg, "lattice_on_control", on_control)
+    batch = build_batch(reg, two_blob_pair(shape=EVEN))
+    calls = []
+    original = reg.control_regulariser
+    monkeypatch.setattr(reg, "control_regulariser", lambda *a: calls.append(1) or original(*a))
+    init = torch.zeros((len(batch), 3, *batch.shape))
+    reg.optimise_batch(batch, init, 3)
+    assert len(calls) == (3 if on_control else 0)
