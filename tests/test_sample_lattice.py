@@ -37,6 +37,14 @@ def loss_and_grad(reg, batch, u0):
     return losses.detach(), u.grad
 
 
+def control_loss_and_grad(reg, batch, basis, param0):
+    """The solver's losses and their gradient for the control values ``param0`` of ``basis`` (the control path)."""
+    param = param0.clone().requires_grad_(True)
+    losses = reg.batch_losses(batch, control=(basis, param))
+    losses.sum().backward()
+    return losses.detach(), param.grad
+
+
 @pytest.mark.parametrize("sparse", [True, False])
 def test_the_phases_of_a_lattice_average_to_the_full_similarity_and_gradient(sparse):
     # the similarity is a sum over voxels: the mean of its 8 lattice estimates (stride 2, 3-D) is the full sum, and so
@@ -199,14 +207,22 @@ def test_box_filters_equal_max_pooling(nd):
 
 
 @requires_cuda
-def test_lattice_step_on_cuda_equals_cpu():
+@pytest.mark.parametrize("on_control", [False, True])
+def test_lattice_step_on_cuda_equals_cpu(on_control):
+    # the field on every level voxel, and a displacement read and regularised on its control grid
+    # (custom.control_lattice), alike
     weights = {"sim": 10.0, "mask": 1.0, "reg": 5.0}
     pair = two_blob_pair(shape=EVEN)
     out = {}
     for device in ("cpu", "cuda"):
         reg = solver(weights, sample_stride=2, sample_min_points=1)
         batch = build_batch(reg, [t.to(device) for t in pair])
-        out[device] = [loss_and_grad(reg, batch, smooth_field(batch.shape).to(device)) for _ in range(2)]
+        field = smooth_field(batch.shape).to(device)
+        if on_control:
+            basis = ControlGrid(reg.control_grid(batch.shape, [1.0, 1.5, 2.0]), batch.shape)
+            out[device] = [control_loss_and_grad(reg, batch, basis, basis.parameters_of(field)) for _ in range(2)]
+        else:
+            out[device] = [loss_and_grad(reg, batch, field) for _ in range(2)]
     for (la, ga), (lb, gb) in zip(out["cpu"], out["cuda"]):
         torch.testing.assert_close(la, lb.cpu(), rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(ga, gb.cpu(), rtol=1e-3, atol=1e-5)
