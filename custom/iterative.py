@@ -114,13 +114,16 @@ class ControlGrid:
             c = conv(c, kernel, groups=c.shape[1])
         return c
 
+    def values(self, param: torch.Tensor) -> torch.Tensor:
+        """The control values ``(G, D, *grid)`` in level voxels that :meth:`field` upsamples linearly: the smoothed
+        parameters rescaled on the control grid (both are linear per component, and the control grid is the smaller)."""
+        factor = self.scale if self.grid == self.size else self.factor
+        return self.smooth(param * factor.to(param))
+
     def field(self, param: torch.Tensor) -> torch.Tensor:
         """The level's field ``(G, D, *size)`` (level voxels) of the parameters ``(G, D, *grid)``: :func:`resize_field`
-        of the smoothed control field, its rescaling to level voxels taken on the control grid (both are linear per
-        component, and the control grid is the smaller)."""
-        if self.grid == self.size:
-            return self.smooth(param * self.scale.to(param))
-        return resize(self.smooth(param * self.factor.to(param)), self.size)
+        of the smoothed control field (:meth:`values`, upsampled)."""
+        return resize(self.values(param), self.size)
 
     def parameters_of(self, field: torch.Tensor) -> torch.Tensor:
         """Parameters ``(G, D, *grid)`` whose field approximates ``field`` ``(G, D, *size)`` (exact for a field that
@@ -391,10 +394,10 @@ class IterativeSegReg:
     @contextmanager
     def small_work(self, device: torch.device, voxels: int, one_region: bool = False):
         """One torch thread inside the block on a CPU when ``voxels`` (the work's size) is below
-        :attr:`single_thread_voxels`, or below :attr:`single_region_voxels` for a batch of ``one_region``: such
-        tensors are not split across threads, so the others would only spin."""
+        :attr:`single_thread_voxels`, or, for a batch of ``one_region``, below :attr:`single_region_voxels` (0: the
+        same limit as any batch): such tensors are not split across threads, so the others would only spin."""
         threads = torch.get_num_threads()
-        limit = self.single_region_voxels if one_region else self.single_thread_voxels
+        limit = max(self.single_region_voxels, self.single_thread_voxels) if one_region else self.single_thread_voxels
         if torch.device(device).type == "cpu" and voxels < limit and threads > 1:
             torch.set_num_threads(1)
         try:
@@ -690,7 +693,7 @@ class IterativeSegReg:
             reg = self.batch_regulariser(batch, u)
         else:
             basis, param = control
-            c = self.integrate.freeze(param * basis.factor.to(param))  # the control values in level voxels
+            c = self.integrate.freeze(basis.values(param))  # no fine axes here: nothing smoothed
             fields = batch.cache.setdefault("lattice_field", {})
             if phase not in fields:
                 fields[phase] = LatticeField(basis.grid, batch.shape, lattice, c.device, c.dtype)
