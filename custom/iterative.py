@@ -587,12 +587,17 @@ class IterativeSegReg:
             batch.cache["sim_norm"] = batch.valid.flatten(1).sum(1) * batch.fixed.shape[1]
         return batch.cache["sim_norm"]
 
+    def regulariser_terms(self, batch: RegionBatch, device) -> tuple:
+        """``(spacing (G, D), border weights)`` of the region diffusion of ``batch``, computed once (the regions do not
+        change during the iterations)."""
+        if "reg" not in batch.cache:
+            spacing = torch.tensor([r.spacing for r in batch.regions], device=device)
+            batch.cache["reg"] = spacing, self.batched_terms[1].border_weights(batch.reg_domain)
+        return batch.cache["reg"]
+
     def batch_regulariser(self, batch: RegionBatch, u: torch.Tensor) -> torch.Tensor:
         """``(G,)`` the region diffusion of ``u`` within each region's domain (border weights computed once)."""
-        if "reg" not in batch.cache:  # the regions do not change during the iterations
-            spacing = torch.tensor([r.spacing for r in batch.regions], device=u.device)
-            batch.cache["reg"] = spacing, self.batched_terms[1].border_weights(batch.reg_domain)
-        spacing, weights = batch.cache["reg"]
+        spacing, weights = self.regulariser_terms(batch, u.device)
         return self.batched_terms[1](u, spacing=spacing, weights=weights)
 
     def background_terms(self, batch: RegionBatch) -> dict | None:
@@ -711,9 +716,8 @@ class IterativeSegReg:
         """``(G,)`` :meth:`batch_regulariser` of the field upsampled from the control values ``c`` ``(G, D, *grid)``,
         taken on the control grid (:class:`custom.control_lattice.ControlDiffusion`, built once per batch)."""
         if "control_reg" not in batch.cache:
-            spacing = torch.tensor([r.spacing for r in batch.regions], device=c.device, dtype=c.dtype)
-            weights = self.batched_terms[1].border_weights(batch.reg_domain)
-            batch.cache["control_reg"] = ControlDiffusion(basis.grid, batch.shape, weights, spacing)
+            spacing, weights = self.regulariser_terms(batch, c.device)
+            batch.cache["control_reg"] = ControlDiffusion(basis.grid, batch.shape, weights, spacing.to(c.dtype))
         return batch.cache["control_reg"](c)
 
     def point_losses(self, batch: RegionBatch, grid, index, real, view: dict, reg: torch.Tensor) -> torch.Tensor:
