@@ -316,7 +316,7 @@ def register(
         check_overwrite(planned, overwrite, "register --mode bundle")
         written = register_with_bundle(
             fixed, moving, fixed_label, moving_label, out_dir, bundle, variant, ckpt_path, save_warped, overwrite,
-            in_plane,
+            in_plane, progress,
         )  # fmt: skip
         written.update(write_extras(extras, names["disp"], transform))
         return written
@@ -372,8 +372,12 @@ def register_with_bundle(
     save_warped: bool = True,
     overwrite: bool = False,
     in_plane: bool | str = "auto",
+    progress: bool = True,
 ):
     """Run a bundle's ``configs/inference.json`` on one pair; its writer puts the files in ``out_dir``.
+
+    ``progress=False`` sets the bundle's ``progress`` id (where it has one: the iterative solver's bar) and leaves the
+    ignite ``ProgressBar`` out of its ``handlers``.
 
     A bundle with an ``in_plane`` config id (the iterative ``segreg_thorax``) gets ``in_plane``; a trained bundle
     keeps the field components it was trained with (``frozen_components``, e.g. ``segreg_acdc``'s in-plane field),
@@ -400,6 +404,12 @@ def register_with_bundle(
         override["ckpt_path"] = ckpt_path
     parser = ConfigParser()
     parser.read_config(config)
+    if not progress:
+        if "progress" in parser:
+            override["progress"] = False
+        if "handlers" in parser:
+            bars = [h for h in parser["handlers"] if isinstance(h, dict) and "ProgressBar" in str(h.get("_target_"))]
+            override["handlers"] = [h for h in parser["handlers"] if not any(h is b for b in bars)]
     if "in_plane" in parser:
         override["in_plane"] = in_plane
     elif in_plane != "auto":

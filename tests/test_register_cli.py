@@ -240,9 +240,9 @@ def test_warp_validates_the_image_label_and_displacement_grid(tmp_path):
         warp(cases["grid"][0], plain, str(tmp_path / "no.nii.gz"))
 
 
-def test_register_mode_bundle_checks_the_files_the_bundle_writes(tmp_path):
+def test_register_mode_bundle_checks_the_files_the_bundle_writes(tmp_path, capfd):
     """A second ``--mode bundle`` run into the same folder is refused (the bundle's writer names its files
-    differently from the iterative mode); ``--save_warped false`` reaches the bundle's writer."""
+    differently from the iterative mode); ``--save_warped false`` and ``--progress no`` reach the bundle."""
     from bundle_utils import REPO
 
     from custom.datasets.learn2reg import learn2reg_pairs
@@ -252,7 +252,11 @@ def test_register_mode_bundle_checks_the_files_the_bundle_writes(tmp_path):
     p = learn2reg_pairs(root / "ThoraxCBCT_dataset.json", "registration_val", "segmentationsTr")[0]
     files = [p[k] for k in ("fixed_image", "moving_image", "fixed_label", "moving_label")]
     kw = dict(mode="bundle", bundle=str(REPO / "bundles" / "segreg_thorax"), out_dir=str(tmp_path / "o"))
-    register(*files, save_warped="false", **kw)
+    capfd.readouterr()
+    register(*files, save_warped="false", progress="no", **kw)
+    assert "%|" not in capfd.readouterr().err  # no tqdm bar, the solver's or ignite's
+    register(*files, save_warped="false", **{**kw, "out_dir": str(tmp_path / "bars")})
+    assert "%|" in capfd.readouterr().err  # the default shows them
     written = sorted(q.relative_to(tmp_path / "o").as_posix() for q in (tmp_path / "o").rglob("*") if q.is_file())
     assert any(w.startswith("displacements/") for w in written) and not any(w.startswith("warped/") for w in written)
     before = {w: (tmp_path / "o" / w).read_bytes() for w in written}
