@@ -408,8 +408,7 @@ def register_with_bundle(
         if "progress" in parser:
             override["progress"] = False
         if "handlers" in parser:
-            bars = [h for h in parser["handlers"] if isinstance(h, dict) and "ProgressBar" in str(h.get("_target_"))]
-            override["handlers"] = [h for h in parser["handlers"] if not any(h is b for b in bars)]
+            override["handlers"] = [h for h in parser["handlers"] if not _is_progress_bar(h)]
     if "in_plane" in parser:
         override["in_plane"] = in_plane
     elif in_plane != "auto":
@@ -424,6 +423,11 @@ def register_with_bundle(
     wf.run()
     wf.finalize()
     return {"output_dir": str(out_dir)}
+
+
+def _is_progress_bar(handler) -> bool:
+    """Whether a bundle config's handler entry builds an ignite ``ProgressBar``."""
+    return isinstance(handler, dict) and str(handler.get("_target_", "")).endswith("ProgressBar")
 
 
 def _refuse_unused_options(mode: str, bundle_options: dict, solver_options: dict) -> None:
