@@ -69,37 +69,52 @@ COLUMNS = {
 }
 
 
-def score(disp: np.ndarray, rec: dict, band_mm: float = 8.0) -> dict:
-    """The columns of :data:`COLUMNS` (without CPU s) for ``disp`` ``(3, *S)`` (fixed voxels, Learn2Reg sense)."""
+def column_masks(rec: dict, band_mm: float = 8.0) -> dict:
+    """The fixed-grid voxels each EPE column of :data:`COLUMNS` averages over (boolean arrays ``(*S)``)."""
     fixed = nib.load(rec["fixed_image"])
     spacing = np.linalg.norm(fixed.affine[:3, :3], axis=0)
-    truth = np.moveaxis(nib.load(rec["true_displacement"]).get_fdata(), -1, 0)
     fov = fixed.get_fdata() > -1000  # the CBCT pads outside its field of view (and the air) with -1000 HU
     label = np.rint(nib.load(rec["fixed_label"]).get_fdata())
-    err = np.linalg.norm((disp - truth) * spacing[:, None, None, None], axis=0)
     lungs = np.isin(label, LUNGS)
     pleura = (ndimage.distance_transform_edt(~lungs, sampling=spacing) <= band_mm) & (
         ndimage.distance_transform_edt(lungs, sampling=spacing) <= band_mm
     )
-
-    def mean(mask):
-        return float(err[mask].mean()) if mask.any() else float("nan")
-
-    row = {
-        "lungs": mean(lungs & fov),
-        "abdomen": mean(np.isin(label, (5, 6, 1)) & fov),
-        "kidneys": mean(np.isin(label, (2, 3)) & fov),
-        "pleura": mean(pleura & fov & (label >= 0)),
-        "in_fov": mean((label > 0) & fov),
-        "out_fov": mean((label > 0) & ~fov),
-        "wall": mean(np.isin(label, BONES) & fov),
+    return {
+        "lungs": lungs & fov,
+        "abdomen": np.isin(label, (5, 6, 1)) & fov,
+        "kidneys": np.isin(label, (2, 3)) & fov,
+        "pleura": pleura & fov & (label >= 0),
+        "in_fov": (label > 0) & fov,
+        "out_fov": (label > 0) & ~fov,
+        "wall": np.isin(label, BONES) & fov,
     }
+
+
+def score(disp: np.ndarray, rec: dict, band_mm: float = 8.0) -> dict:
+    """The columns of :data:`COLUMNS` (without CPU s) for ``disp`` ``(3, *S)`` (fixed voxels, Learn2Reg sense)."""
+    spacing = np.linalg.norm(nib.load(rec["fixed_image"]).affine[:3, :3], axis=0)
+    truth = np.moveaxis(nib.load(rec["true_displacement"]).get_fdata(), -1, 0)
+    err = np.linalg.norm((disp - truth) * spacing[:, None, None, None], axis=0)
+    row = {k: float(err[m].mean()) if m.any() else float("nan") for k, m in column_masks(rec, band_mm).items()}
     kps = [read_keypoints(rec[k]) for k in ("fixed_keypoints", "moving_keypoints")]
     ddf = torch.as_tensor(np.asarray(disp, np.float32))[None]
     row["tre"] = float(tre_mm(ddf, *kps, spacing).mean())
     j = jacobian_stats(ddf)
     row.update({"sdlogj": j["sdlogj"], "folds": j["neg_jac_percent"]})
     return row
+
+
+def voxel_counts(recs: list) -> str:
+    """One line: how many voxels each EPE column averages over, per pair (smallest to largest). A column of a few
+    voxels (the kidneys' upper poles at the volume's lower edge) moves with every pair."""
+    counts = [{k: int(m.sum()) for k, m in column_masks(rec).items()} for rec in recs]
+    parts = []
+    for k in counts[0]:
+        low, high = min(c[k] for c in counts), max(c[k] for c in counts)
+        parts.append(f"{COLUMNS[k]} {low}" + (f"-{high}" if high != low else ""))
+    return "Voxels per pair behind each EPE column (a column is the mean over the pairs that have any): " + (
+        ", ".join(parts) + "."
+    )
 
 
 def register(method: str, rec: dict, maps: dict, tmp: Path) -> np.ndarray:
@@ -142,6 +157,7 @@ def main() -> None:
         recs = learn2reg_pairs(js, "registration_val", "segmentationsTr")
         lines += [
             f"\n## {len(recs)} pairs, {' x '.join(map(str, shape))} at {spacing[0]:g} mm\n",
+            voxel_counts(recs) + "\n",
             "| method | "
             + " | ".join(f"EPE {c} mm" if k not in ("tre", "sdlogj", "folds", "cpu") else c for k, c in COLUMNS.items())
             + " |",
