@@ -207,6 +207,22 @@ def test_bundle_evaluation_reads_save_warped_overwrite_and_progress(thorax, tmp_
     assert optimiser.progress is False and optimiser.in_plane is False
 
 
+@pytest.mark.parametrize("bundle", ["segreg_acdc", "segreg_abdomen", "segreg_thorax"])
+@pytest.mark.parametrize("evaluate", [False, True], ids=["inference", "evaluate"])
+def test_bundle_progress_id_turns_the_ignite_bar_off(bundle, evaluate, tmp_path):
+    # --progress false in a bundle run drops its ignite ProgressBar (and the thorax solver's own bar, tested above)
+    files = [configs(bundle) / "inference.json"] + ([configs(bundle) / "evaluate.json"] if evaluate else [])
+
+    def bars(**override):
+        wf = workflow(files, "infer", dataset_dir=str(tmp_path), output_dir=str(tmp_path / "out"), **override)
+        return [type(h).__name__ for h in wf.parser.get_parsed_content("handlers")].count("ProgressBar")
+
+    assert bars() == 1
+    for word in ("no", "False", "0"):
+        assert bars(progress=word) == 0
+    assert bars(progress="yes") == 1
+
+
 @pytest.mark.parametrize("word", FALSE)
 def test_bundle_training_reads_resume_overwrite_amp_and_augment(tmp_path, word):
     from custom.synthetic.acdc import make_acdc
