@@ -88,6 +88,34 @@ def _require(path, what: str) -> str:
     return str(path)
 
 
+def find_padding(data: dict, fixed: str, moving: str) -> torch.Tensor | None:
+    """Where the loaded fixed image ``data["fixed_image"]`` holds padding outside its field of view
+    (:func:`custom.field_of_view.padding_value`; a bool mask), else ``None``; one printed line says which it found,
+    and a moving image with padding where the fixed one has none is named (SegReg scores the fixed field of view)."""
+    from custom.field_of_view import padding_fraction, padding_value
+
+    images = {"fixed": (data["fixed_image"], fixed), "moving": (data["moving_image"], moving)}
+    found = {k: padding_value(img) for k, (img, _) in images.items()}
+    if found["fixed"] is not None:
+        img, path = images["fixed"]
+        low, share = padding_fraction(img)
+        print(
+            f"fixed image {path}: {share:.0%} of its voxels hold exactly its lowest value ({low:g}), padding outside "
+            "the scanner's field of view: the similarity scores the voxels inside it only (--fov_value none: all)"
+        )
+        return img == found["fixed"]
+    if found["moving"] is not None:
+        img, path = images["moving"]
+        low, share = padding_fraction(img)
+        print(
+            f"moving image {path}: {share:.0%} of its voxels hold exactly its lowest value ({low:g}), padding outside "
+            "the scanner's field of view; only the fixed image's field of view is left out of the similarity: register "
+            "the truncated image as the fixed one (the Learn2Reg ThoraxCBCT direction; python -m custom invert gives "
+            "the other direction)"
+        )
+    return None
+
+
 def unwrap_input_errors(transform, data):
     """``transform(data)``, re-raising the :class:`InputError` inside MONAI's "applying transform" wrapper, so the
     command line reports the file and the fix rather than a traceback."""
@@ -117,7 +145,7 @@ def iterative_registration(
     device: str | None = None,
     reg_domain: str | int = "box",
     intensity_range=None,
-    fov_value: float | None = None,
+    fov_value: float | str | None = None,
     sigma: float | None = None,
     noise_gate: float | None = 2.0,
     in_plane: bool | str = "auto",
@@ -135,9 +163,10 @@ def iterative_registration(
     plausible spacing, finite images and integer label maps, counted on the stored values and naming the file).
     Intensities are then scaled to 0..1 between the 0.5 and 99.5 percentiles of each image, or within
     ``intensity_range`` (e.g. ``(-1000, 1000)`` HU for CT/CBCT); ``fov_value`` (on that 0..1 scale) marks the fixed
-    image's padding outside the scanner's field of view (see ``IterativeSegReg``); ``noise_gate`` leaves out of the
-    similarity the voxels where the fixed image is flat up to its noise (see ``MINDSSCLoss``; ``None``: plain
-    MIND-SSC). ``in_plane`` ("auto", True, False): hold the slice axis' displacement at 0, decided on the
+    image's padding outside the scanner's field of view (see ``IterativeSegReg``; "auto": the fixed image's lowest
+    value where it is padding, :func:`find_padding`, said in one printed line; ``None``: none); ``noise_gate`` leaves
+    out of the similarity the voxels where the fixed image is flat up to its noise (see ``MINDSSCLoss``; ``None``:
+    plain MIND-SSC). ``in_plane`` ("auto", True, False): hold the slice axis' displacement at 0, decided on the
     registration grid (:func:`custom.geometry.in_plane_components`; "auto" says so in one printed line).
     ``sigma`` / ``sigma_mm``: Gaussian smoothing of the composition weights in voxels or in mm (give one).
     ``grid_spacing``: control points every this many voxels of each level; ``mask_only_levels``: the levels at which
@@ -163,21 +192,19 @@ def iterative_registration(
         paths["fixed_label"] = _require(fixed_label, "fixed label")
         paths["moving_label"] = _require(moving_label, "moving label")
     keys = list(paths)
-    data = unwrap_input_errors(
-        Compose(
-            [
-                SafeLoadImaged(keys, ensure_channel_first=True, image_only=True),
-                ValidatePaird(),
-                AlignPaird(),
-                (
-                    ScaleIntensityRangePercentilesd(["fixed_image", "moving_image"], 0.5, 99.5, 0.0, 1.0, clip=True)
-                    if intensity_range is None
-                    else ScaleIntensityRanged(["fixed_image", "moving_image"], *intensity_range, 0.0, 1.0, clip=True)
-                ),
-            ]
-        ),
+    loaded = unwrap_input_errors(
+        Compose([SafeLoadImaged(keys, ensure_channel_first=True, image_only=True), ValidatePaird(), AlignPaird()]),
         paths,
     )
+    padding = find_padding(loaded, fixed, moving) if fov_value == "auto" else None
+    scale = (
+        ScaleIntensityRangePercentilesd(["fixed_image", "moving_image"], 0.5, 99.5, 0.0, 1.0, clip=True)
+        if intensity_range is None
+        else ScaleIntensityRanged(["fixed_image", "moving_image"], *intensity_range, 0.0, 1.0, clip=True)
+    )
+    data = unwrap_input_errors(scale, loaded)
+    if fov_value == "auto":  # the padding's value on the 0..1 scale: the field of view is above it
+        fov_value = None if padding is None else float(data["fixed_image"][padding].max())
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     fixed_t, moving_t = (data[k][None].to(dev) for k in ("fixed_image", "moving_image"))
     if fixed_label is None:
@@ -248,6 +275,7 @@ def register(
     transform: str | None = None,
     inverse: bool = False,
     sample_stride: int = 1,
+    fov_value: float | str | None = "auto",
 ) -> dict:
     """Register a moving NIfTI image onto a fixed one (any orientation, spacing or origin).
 
@@ -287,6 +315,9 @@ def register(
         sample_stride: the iterative modes score large regions on every this-many-th voxel per axis at each step,
             the lattice shifting from step to step (1: every voxel, default; the thorax bundle uses 2: about 30 %
             less CPU time per pair at the same errors on CBCT-like data, see ``custom.iterative.IterativeSegReg``).
+        fov_value: the iterative modes leave the fixed image's padding outside the scanner's field of view (a CBCT's
+            cylinder) out of the similarity: "auto" (default) where at least 2 % of its voxels hold exactly its lowest
+            value (one printed line says so), a value on the 0..1 intensity scale, or none (every voxel scored).
 
     Boolean options take true/false, yes/no, on/off or 1/0 in any case (``custom.flags``).
     """
@@ -301,12 +332,14 @@ def register(
     sigma, noise_gate = optional_float(sigma, "sigma"), optional_float(noise_gate, "noise_gate")
     sigma_mm = optional_float(sigma_mm, "sigma_mm")
     sample_stride = _stride(sample_stride)
+    fov_value = _fov_value(fov_value)
     if sigma is not None and sigma_mm is not None:
         raise InputError("give --sigma (voxels) or --sigma_mm (mm), not both")
     if mode not in ("iterative", "global", "bundle"):
         raise InputError(f"--mode must be 'iterative', 'global' or 'bundle', got {mode!r}")
     solver = dict(levels=levels, iterations=iterations, level_spacing_mm=level_spacing_mm, reg_domain=reg_domain)
     solver.update(sigma=sigma, sigma_mm=sigma_mm, noise_gate=noise_gate, sample_stride=sample_stride)
+    solver.update(fov_value=fov_value)
     _refuse_unused_options(mode, dict(bundle=bundle, variant=variant, ckpt_path=ckpt_path), solver)
     check_output_dir(out_dir)  # before any work
     if mode == "bundle":
@@ -343,6 +376,7 @@ def register(
         noise_gate=noise_gate,
         in_plane=in_plane,
         sample_stride=sample_stride,
+        fov_value=fov_value,
     )
     save_displacement(
         res["disp"].numpy(), names["disp"], res["fixed_affine"], res["moving_affine"], res["moving_shape"]
@@ -473,6 +507,19 @@ def _stride(value) -> int:
     if stride < 1 or str(stride) != str(value).strip():
         raise InputError(f"--sample_stride takes one whole number >= 1 (1: every voxel), got {value!r}")
     return stride
+
+
+def _fov_value(value) -> float | str | None:
+    from custom.flags import optional_float
+
+    if str(value).strip().lower() == "auto":
+        return "auto"
+    try:
+        return optional_float(value, "fov_value")
+    except InputError:
+        raise InputError(
+            f"--fov_value takes auto, none or a number on the 0..1 intensity scale (e.g. 0), got {value!r}"
+        ) from None
 
 
 def _floats(values, name: str) -> tuple[float, ...]:
