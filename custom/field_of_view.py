@@ -3,11 +3,11 @@ nothing.
 
 A cone-beam CT reconstructs a cylinder; the voxels outside it hold one value (e.g. -1000 HU or 0), exactly, however
 noisy the scan is inside. Registered as image content, the border of that cylinder is a strong edge that does not
-move with the anatomy: the similarity then drags the field of the tissue it cuts through. :func:`padding_value` finds
-such padding (the image's lowest value, held exactly by a sizeable share of the voxels); ``register`` scores the
-fixed image inside its field of view only when it finds it (``--fov_value auto``, see
-:class:`custom.iterative.IterativeSegReg`'s ``fov_value``). Noisy air around a body or an MR background with noise
-is not padding: its lowest value is held by a few voxels only.
+move with the anatomy. :func:`padding_value` finds such padding (the image's lowest value, held exactly by a sizeable
+share of the voxels); where it finds it in the fixed image, ``register`` (``--fov_value auto``) hands its value to
+:class:`custom.iterative.IterativeSegReg` as ``fov_value``: regions mostly outside the field of view are registered
+by their masks alone. Noisy air around a body or an MR background with noise is not padding: its lowest value is held
+by a few voxels only.
 """
 
 from __future__ import annotations

@@ -101,7 +101,8 @@ def find_padding(data: dict, fixed: str, moving: str) -> torch.Tensor | None:
         low, share = padding_fraction(img)
         print(
             f"fixed image {path}: {share:.0%} of its voxels hold exactly its lowest value ({low:g}), padding outside "
-            "the scanner's field of view: the similarity scores the voxels inside it only (--fov_value none: all)"
+            "the scanner's field of view: regions mostly outside it are registered by their masks alone, not by the "
+            "image (--fov_value none: by the image)"
         )
         return img == found["fixed"]
     if found["moving"] is not None:
@@ -109,9 +110,9 @@ def find_padding(data: dict, fixed: str, moving: str) -> torch.Tensor | None:
         low, share = padding_fraction(img)
         print(
             f"moving image {path}: {share:.0%} of its voxels hold exactly its lowest value ({low:g}), padding outside "
-            "the scanner's field of view; only the fixed image's field of view is left out of the similarity: register "
-            "the truncated image as the fixed one (the Learn2Reg ThoraxCBCT direction; python -m custom invert gives "
-            "the other direction)"
+            "the scanner's field of view; only the fixed image's field of view is taken into account: register the "
+            "truncated image as the fixed one (the Learn2Reg ThoraxCBCT direction; python -m custom invert gives the "
+            "other direction)"
         )
     return None
 
@@ -315,9 +316,12 @@ def register(
         sample_stride: the iterative modes score large regions on every this-many-th voxel per axis at each step,
             the lattice shifting from step to step (1: every voxel, default; the thorax bundle uses 2: about 30 %
             less CPU time per pair at the same errors on CBCT-like data, see ``custom.iterative.IterativeSegReg``).
-        fov_value: the iterative modes leave the fixed image's padding outside the scanner's field of view (a CBCT's
-            cylinder) out of the similarity: "auto" (default) where at least 2 % of its voxels hold exactly its lowest
-            value (one printed line says so), a value on the 0..1 intensity scale, or none (every voxel scored).
+        fov_value: the fixed image's padding outside the scanner's field of view (a CBCT's cylinder): "auto"
+            (default) where at least 2 % of its voxels hold exactly its lowest value (one printed line says so), a
+            value on the 0..1 intensity scale, or none. With it, a region whose fixed mask lies mostly outside the field
+            of view (on a CBCT pair the background, with the air) is registered by its masks alone, and where the fixed
+            labels end at the field of view the mask loss counts inside it only (``IterativeSegReg``'s ``fov_value``
+            and ``mask_fov``, as in the thorax bundle). One global region (``--mode global``) is not changed by it.
 
     Boolean options take true/false, yes/no, on/off or 1/0 in any case (``custom.flags``).
     """

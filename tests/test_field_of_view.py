@@ -53,9 +53,10 @@ def errors(disp_path, rec) -> tuple[float, float]:
     return float(err.mean()), float(err[fixed.get_fdata() > -1000].mean())
 
 
-def test_register_scores_a_cbct_inside_its_field_of_view_by_default(thorax_pair, tmp_path, capsys):
-    # the CBCT's cylinder of -1000 is no anatomy: scored, its border drags the field of the tissue it cuts (every
-    # voxel's error rose above no registration's); left out (the default), the field beats no registration
+def test_register_recognises_a_cbct_field_of_view_by_default(thorax_pair, tmp_path, capsys):
+    # the CBCT's cylinder of -1000 is no anatomy: registered by the image, the background region (air and padding)
+    # followed its border and every voxel's error rose above no registration's; by its masks alone (the default
+    # where the padding is found) the field beats no registration
     rec = thorax_pair
     args = [rec["fixed_image"], rec["moving_image"], rec["fixed_label"], rec["moving_label"]]
     kw = dict(iterations=(20, 10, 5), save_warped=False, progress=False)
