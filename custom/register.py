@@ -91,28 +91,27 @@ def _require(path, what: str) -> str:
 def find_padding(data: dict, fixed: str, moving: str) -> torch.Tensor | None:
     """Where the loaded fixed image ``data["fixed_image"]`` holds padding outside its field of view
     (:func:`custom.field_of_view.padding_value`; a bool mask), else ``None``; one printed line says which it found,
-    and a moving image with padding where the fixed one has none is named (SegReg scores the fixed field of view)."""
+    and a moving image with padding where the fixed one has none is named (SegReg uses the fixed field of view)."""
     from custom.field_of_view import padding_fraction, padding_value
 
-    images = {"fixed": (data["fixed_image"], fixed), "moving": (data["moving_image"], moving)}
-    found = {k: padding_value(img) for k, (img, _) in images.items()}
-    if found["fixed"] is not None:
-        img, path = images["fixed"]
-        low, share = padding_fraction(img)
-        print(
-            f"fixed image {path}: {share:.0%} of its voxels hold exactly its lowest value ({low:g}), padding outside "
-            "the scanner's field of view: regions mostly outside it are registered by their masks alone, not by the "
-            "image (--fov_value none: by the image)"
+    for role, path in (("fixed", fixed), ("moving", moving)):
+        image = data[f"{role}_image"]
+        value = padding_value(image)
+        if value is None:
+            continue
+        low, share = padding_fraction(image)
+        found = (
+            f"{role} image {path}: {share:.0%} of its voxels hold exactly its lowest value ({low:g}), padding outside "
+            "the scanner's field of view"
         )
-        return img == found["fixed"]
-    if found["moving"] is not None:
-        img, path = images["moving"]
-        low, share = padding_fraction(img)
+        if role == "fixed":
+            print(
+                f"{found}: regions mostly outside it are registered by their masks alone (--fov_value none: by the image)"
+            )
+            return image == value
         print(
-            f"moving image {path}: {share:.0%} of its voxels hold exactly its lowest value ({low:g}), padding outside "
-            "the scanner's field of view; only the fixed image's field of view is taken into account: register the "
-            "truncated image as the fixed one (the Learn2Reg ThoraxCBCT direction; python -m custom invert gives the "
-            "other direction)"
+            f"{found}; only the fixed image's field of view is taken into account: register the truncated image as "
+            "the fixed one (the Learn2Reg ThoraxCBCT direction; python -m custom invert gives the other direction)"
         )
     return None
 
