@@ -105,9 +105,7 @@ def find_padding(data: dict, fixed: str, moving: str) -> torch.Tensor | None:
             "the scanner's field of view"
         )
         if role == "fixed":
-            print(
-                f"{found}: regions mostly outside it are registered by their masks alone (--fov_value none: by the image)"
-            )
+            print(f"{found}: regions mostly outside it are registered by their masks (--fov_value none: by the image)")
             return image == value
         print(
             f"{found}; only the fixed image's field of view is taken into account: register the truncated image as "
