@@ -92,21 +92,20 @@ def find_padding(data: dict, fixed: str, moving: str) -> torch.Tensor | None:
     """Where the loaded fixed image ``data["fixed_image"]`` holds padding outside its field of view
     (:func:`custom.field_of_view.padding_value`; a bool mask), else ``None``; one printed line says which it found,
     and a moving image with padding where the fixed one has none is named (SegReg uses the fixed field of view)."""
-    from custom.field_of_view import padding_fraction, padding_value
+    from custom.field_of_view import MIN_PADDING_FRACTION, padding_fraction
 
     for role, path in (("fixed", fixed), ("moving", moving)):
         image = data[f"{role}_image"]
-        value = padding_value(image)
-        if value is None:
-            continue
         low, share = padding_fraction(image)
+        if share < MIN_PADDING_FRACTION:  # custom.field_of_view.padding_value's rule
+            continue
         found = (
             f"{role} image {path}: {share:.0%} of its voxels hold exactly its lowest value ({low:g}), padding outside "
             "the scanner's field of view"
         )
         if role == "fixed":
             print(f"{found}: regions mostly outside it are registered by their masks (--fov_value none: by the image)")
-            return image == value
+            return image == low
         print(
             f"{found}; only the fixed image's field of view is taken into account: register the truncated image as "
             "the fixed one (the Learn2Reg ThoraxCBCT direction; python -m custom invert gives the other direction)"
@@ -339,8 +338,9 @@ def register(
     if mode not in ("iterative", "global", "bundle"):
         raise InputError(f"--mode must be 'iterative', 'global' or 'bundle', got {mode!r}")
     solver = dict(levels=levels, iterations=iterations, level_spacing_mm=level_spacing_mm, reg_domain=reg_domain)
-    solver.update(sigma=sigma, sigma_mm=sigma_mm, noise_gate=noise_gate, sample_stride=sample_stride)
-    solver.update(fov_value=fov_value)
+    solver.update(
+        sigma=sigma, sigma_mm=sigma_mm, noise_gate=noise_gate, sample_stride=sample_stride, fov_value=fov_value
+    )
     _refuse_unused_options(mode, dict(bundle=bundle, variant=variant, ckpt_path=ckpt_path), solver)
     check_output_dir(out_dir)  # before any work
     if mode == "bundle":
