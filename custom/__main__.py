@@ -7,6 +7,7 @@ Run ``python -m custom <verb> --help`` for the options of a verb.
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -23,6 +24,7 @@ def make_data(
     seed: int = 0,
     shape: tuple | None = None,
     realism: str = "simple",
+    overwrite: bool = False,
 ) -> dict:
     """Generate synthetic data in the published layouts.
 
@@ -35,7 +37,11 @@ def make_data(
         realism: thorax only: "simple" (the set the tables so far were measured on) or "cbct" (the upper abdomen
             under the diaphragm, lung density that follows inflation, cone-beam artefacts; see
             ``custom.synthetic.cbct``).
+        overwrite: replace a set whose folder already holds files (true/false; default false: such a folder stops the
+            command before anything is written). The folder is emptied first, so no file of the earlier set stays.
     """
+    from custom.flags import as_bool
+    from custom.io import check_overwrite
     from custom.synthetic.abdomen import make_abdomen
     from custom.synthetic.acdc import make_acdc
     from custom.synthetic.thorax import make_thorax
@@ -54,6 +60,11 @@ def make_data(
         raise InputError(f"--realism must be simple or cbct, got {realism!r}")
     if realism != "simple" and "thorax" not in chosen:
         raise InputError("--realism cbct applies to --dataset thorax only")
+    overwrite = as_bool(overwrite, "overwrite")
+    folders = [Path(out_dir) / name for name in chosen]
+    used = [f for f in folders if f.is_file() or (f.is_dir() and any(f.iterdir()))]
+    for folder in check_overwrite(used, overwrite, "make-data"):  # nothing of an earlier set stays beside the new one
+        shutil.rmtree(folder) if folder.is_dir() else folder.unlink()
     out = {}
     for name in chosen:
         kwargs = {"seed": seed, "n_test": 2} if name == "acdc" else {"seed": seed}
