@@ -19,14 +19,15 @@ import torch
 MIN_PADDING_FRACTION = 0.02
 
 
-def padding_fraction(image: torch.Tensor) -> tuple[float, float]:
-    """``(lowest value, share of the voxels that hold it exactly)`` of ``image`` (any shape)."""
+def find_padding(image: torch.Tensor, min_fraction: float = MIN_PADDING_FRACTION) -> tuple[float, float] | None:
+    """``(value, share of the voxels)`` of the padding of ``image`` (any shape): its lowest value where at least
+    ``min_fraction`` of the voxels hold exactly that value; ``None`` where no such padding is found."""
     low = image.min()
-    return float(low), float((image == low).float().mean())
+    share = float((image == low).float().mean())
+    return (float(low), share) if share >= min_fraction else None
 
 
 def padding_value(image: torch.Tensor, min_fraction: float = MIN_PADDING_FRACTION) -> float | None:
-    """The value ``image`` holds outside its field of view: its lowest value where at least ``min_fraction`` of the
-    voxels hold exactly that value; ``None`` where no such padding is found."""
-    low, share = padding_fraction(image)
-    return low if share >= min_fraction else None
+    """The value ``image`` holds outside its field of view (:func:`find_padding`), or ``None``."""
+    found = find_padding(image, min_fraction)
+    return None if found is None else found[0]

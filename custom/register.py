@@ -88,26 +88,27 @@ def _require(path, what: str) -> str:
     return str(path)
 
 
-def find_padding(data: dict, fixed: str, moving: str) -> torch.Tensor | None:
+def report_padding(data: dict, fixed: str, moving: str) -> torch.Tensor | None:
     """Where the loaded fixed image ``data["fixed_image"]`` holds padding outside its field of view
-    (:func:`custom.field_of_view.padding_value`; a bool mask), else ``None``; one printed line says which it found,
+    (:func:`custom.field_of_view.find_padding`; a bool mask), else ``None``; one printed line says which it found,
     and a moving image with padding where the fixed one has none is named (SegReg uses the fixed field of view)."""
-    from custom.field_of_view import MIN_PADDING_FRACTION, padding_fraction
+    from custom.field_of_view import find_padding
 
     for role, path in (("fixed", fixed), ("moving", moving)):
         image = data[f"{role}_image"]
-        low, share = padding_fraction(image)
-        if share < MIN_PADDING_FRACTION:  # custom.field_of_view.padding_value's rule
+        found = find_padding(image)
+        if found is None:
             continue
-        found = (
+        low, share = found
+        line = (
             f"{role} image {path}: {share:.0%} of its voxels hold exactly its lowest value ({low:g}), padding outside "
             "the scanner's field of view"
         )
         if role == "fixed":
-            print(f"{found}: regions mostly outside it are registered by their masks (--fov_value none: by the image)")
+            print(f"{line}: regions mostly outside it are registered by their masks (--fov_value none: by the image)")
             return image == low
         print(
-            f"{found}; only the fixed image's field of view is taken into account: register the truncated image as "
+            f"{line}; only the fixed image's field of view is taken into account: register the truncated image as "
             "the fixed one (the Learn2Reg ThoraxCBCT direction; python -m custom invert gives the other direction)"
         )
     return None
@@ -161,7 +162,7 @@ def iterative_registration(
     Intensities are then scaled to 0..1 between the 0.5 and 99.5 percentiles of each image, or within
     ``intensity_range`` (e.g. ``(-1000, 1000)`` HU for CT/CBCT); ``fov_value`` (on that 0..1 scale) marks the fixed
     image's padding outside the scanner's field of view (see ``IterativeSegReg``; "auto": the fixed image's lowest
-    value where it is padding, :func:`find_padding`, said in one printed line; ``None``: none); ``noise_gate`` leaves
+    value where it is padding, :func:`report_padding`, said in one printed line; ``None``: none); ``noise_gate`` leaves
     out of the similarity the voxels where the fixed image is flat up to its noise (see ``MINDSSCLoss``; ``None``:
     plain MIND-SSC). ``in_plane`` ("auto", True, False): hold the slice axis' displacement at 0, decided on the
     registration grid (:func:`custom.geometry.in_plane_components`; "auto" says so in one printed line).
@@ -193,7 +194,7 @@ def iterative_registration(
         Compose([SafeLoadImaged(keys, ensure_channel_first=True, image_only=True), ValidatePaird(), AlignPaird()]),
         paths,
     )
-    padding = find_padding(loaded, fixed, moving) if fov_value == "auto" else None
+    padding = report_padding(loaded, fixed, moving) if fov_value == "auto" else None
     scale = (
         ScaleIntensityRangePercentilesd(["fixed_image", "moving_image"], 0.5, 99.5, 0.0, 1.0, clip=True)
         if intensity_range is None
@@ -411,8 +412,8 @@ def register_with_bundle(
 ):
     """Run a bundle's ``configs/inference.json`` on one pair; its writer puts the files in ``out_dir``.
 
-    ``progress=False`` sets the bundle's ``progress`` id (where it has one: the iterative solver's bar) and leaves the
-    ignite ``ProgressBar`` out of its ``handlers``.
+    ``progress=False`` sets the bundle's ``progress`` id, which turns off the solver's bar and the ignite
+    ``ProgressBar``; a bundle without that id gets its ``handlers`` without the ``ProgressBar``.
 
     A bundle with an ``in_plane`` config id (the iterative ``segreg_thorax``) gets ``in_plane``; a trained bundle
     keeps the field components it was trained with (``frozen_components``, e.g. ``segreg_acdc``'s in-plane field),
@@ -440,9 +441,9 @@ def register_with_bundle(
     parser = ConfigParser()
     parser.read_config(config)
     if not progress:
-        if "progress" in parser:
+        if "progress" in parser:  # our bundles: the solver's bar and ignite's ProgressBar (disabled by show_progress)
             override["progress"] = False
-        if "handlers" in parser:
+        elif "handlers" in parser:  # a bundle without the id: leave its ProgressBar out
             override["handlers"] = [h for h in parser["handlers"] if not _is_progress_bar(h)]
     if "in_plane" in parser:
         override["in_plane"] = in_plane
